@@ -35,7 +35,14 @@ FRESH_GROUPS: dict[str, tuple[str, ...]] = {
 # so gradients can flow through them): the student starts as exactly its T2V initialisation.
 ZERO_WHEN_FRESH = ("pose_proj.*", "blocks.*.cross_attn.v_img.*")
 POSE_PREFIXES = ("dwpose_embedding.", "randomref_embedding_pose.")
-_WRAPPER_PREFIXES = ("pipe.dit.", "model.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+_WRAPPER_PREFIXES = (
+    "pipe.dit.",
+    "model.",
+    "module.",
+    "_fsdp_wrapped_module.",
+    "_checkpoint_wrapped_module.",
+    "_orig_mod.",
+)
 _LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.")
 _MAX_LISTED = 20
 
@@ -331,7 +338,9 @@ def save_weights(model: WanModel, path: str | os.PathLike, extra_metadata: dict[
     atomic_save_safetensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, path, metadata)
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> WanModel:
+def load_model(
+    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> WanModel:
     """Rebuild a network saved with save_weights (config from the file's metadata) and load it strictly."""
     metadata = read_metadata(path)
     if metadata.get("format") != "poseforcing" or "config" not in metadata:

@@ -34,14 +34,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     "wan_1.3b_causal_t2v": dict(arch="causal", **_WAN_1_3B, **_T2V, **_CAUSAL),
     # CPU tests: every code path of the real student (i2v, CLIP branch, pose_proj, causal blocks), tiny sizes.
     "tiny": dict(
-        arch="causal", model_type="i2v", patch_size=(1, 2, 2), text_len=16, in_dim=36, dim=32, ffn_dim=64,
-        freq_dim=32, text_dim=24, out_dim=16, num_heads=2, num_layers=2, eps=1e-6, qk_norm=True,
-        cross_attn_norm=True, clip_dim=40, pose_dim=48, num_frame_per_block=3, local_attn_size=-1, sink_size=0,
+        arch="causal",
+        model_type="i2v",
+        patch_size=(1, 2, 2),
+        text_len=16,
+        in_dim=36,
+        dim=32,
+        ffn_dim=64,
+        freq_dim=32,
+        text_dim=24,
+        out_dim=16,
+        num_heads=2,
+        num_layers=2,
+        eps=1e-6,
+        qk_norm=True,
+        cross_attn_norm=True,
+        clip_dim=40,
+        pose_dim=48,
+        num_frame_per_block=3,
+        local_attn_size=-1,
+        sink_size=0,
     ),  # fmt: skip
 }
-PRESETS["tiny_bidirectional"] = {
-    k: v for k, v in PRESETS["tiny"].items() if k not in _CAUSAL
-} | {"arch": "bidirectional"}
+PRESETS["tiny_bidirectional"] = {k: v for k, v in PRESETS["tiny"].items() if k not in _CAUSAL} | {
+    "arch": "bidirectional"
+}
 PRESETS["tiny_teacher"] = PRESETS["tiny_bidirectional"] | {"pose_dim": PRESETS["tiny"]["dim"]}
 
 

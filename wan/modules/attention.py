@@ -113,18 +113,22 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+FLEX_BLOCK = 128  # flex_attention's tile; sequences are padded to a multiple of it
+
+
 @functools.lru_cache(maxsize=8)
 def _flex_block_mask(spec: BlockCausalSpec, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    frame_mask = spec.frame_mask(device)  # [F, F]
-    t = spec.tokens_per_frame
+    frames, t = spec.num_frames, spec.tokens_per_frame
+    padded_mask = torch.zeros(frames + 1, frames + 1, dtype=torch.bool, device=device)
+    padded_mask[:frames, :frames] = spec.frame_mask(device)  # [F+1, F+1]: the extra frame is padding
+    padded_len = -(-frames * t // FLEX_BLOCK) * FLEX_BLOCK
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return frame_mask[q_idx // t, kv_idx // t]
+        return padded_mask[(q_idx // t).clamp(max=frames), (kv_idx // t).clamp(max=frames)]
 
-    length = spec.num_frames * t
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=padded_len, KV_LEN=padded_len, device=device)
 
 
 def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: BlockCausalSpec) -> torch.Tensor:
@@ -132,8 +136,11 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
 
     CUDA uses flex_attention with a block mask (no [L, L] tensor); elsewhere a masked SDPA computes the same.
     """
-    if q.is_cuda:
-        block_mask = _flex_block_mask(spec, q.device)
-        out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
-        return out.transpose(1, 2)
-    return attention(q, k, v, mask=spec.token_mask(q.device))
+    if not q.is_cuda:
+        return attention(q, k, v, mask=spec.token_mask(q.device))
+    length = q.shape[1]
+    block_mask = _flex_block_mask(spec, q.device)
+    pad = -length % FLEX_BLOCK
+    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(1, 2) for x in (q, k, v))  # [B, H, L_pad, D]
+    out = _compiled_flex()(q, k, v, block_mask=block_mask)
+    return out.transpose(1, 2)[:, :length]

@@ -53,7 +53,7 @@ def rope_angles(head_dim: int, start_frame: int, grid: tuple[int, int, int], dev
         torch.arange(w, dtype=torch.float64, device=device),
     )
     per_axis = []
-    for p, pairs in zip(pos, rope_axis_dims(head_dim)):
+    for p, pairs in zip(pos, rope_axis_dims(head_dim), strict=True):
         axis_dim = 2 * pairs
         inv = 1.0 / torch.pow(theta, torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
         per_axis.append(torch.outer(p, inv))  # [n, pairs]
@@ -237,7 +237,11 @@ class MLPProj(nn.Module):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.proj = nn.Sequential(
-            nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim)
+            nn.LayerNorm(in_dim),
+            nn.Linear(in_dim, in_dim),
+            nn.GELU(),
+            nn.Linear(in_dim, out_dim),
+            nn.LayerNorm(out_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +249,9 @@ class MLPProj(nn.Module):
         dtype = fc1.weight.dtype
         h = F.layer_norm(x.float(), norm_in.normalized_shape, norm_in.weight.float(), norm_in.bias.float(), norm_in.eps)
         h = _linear(fc2, act(_linear(fc1, h)))
-        h = F.layer_norm(h.float(), norm_out.normalized_shape, norm_out.weight.float(), norm_out.bias.float(), norm_out.eps)
+        h = F.layer_norm(
+            h.float(), norm_out.normalized_shape, norm_out.weight.float(), norm_out.bias.float(), norm_out.eps
+        )
         return h.to(dtype)
 
 
@@ -282,7 +288,9 @@ class WanModel(nn.Module):
         if model_type not in ("t2v", "i2v"):
             raise ValueError(f"model_type={model_type!r}: expected 't2v' or 'i2v'")
         if model_type == "i2v" and in_dim <= out_dim:
-            raise ValueError(f"an i2v model takes y channels beyond the noise: in_dim={in_dim} must exceed out_dim={out_dim}")
+            raise ValueError(
+                f"an i2v model takes y channels beyond the noise: in_dim={in_dim} must exceed out_dim={out_dim}"
+            )
         self.model_type = model_type
         self.patch_size = tuple(patch_size)
         self.text_len, self.in_dim, self.dim, self.ffn_dim = text_len, in_dim, dim, ffn_dim
@@ -357,7 +365,9 @@ class WanModel(nn.Module):
             self._pose_weights_loaded = True
         return pose_mod.encode_pose(self, pose_frames, ref_pose)
 
-    def embed_context(self, context: torch.Tensor, clip_fea: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embed_context(
+        self, context: torch.Tensor, clip_fea: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text [B, L<=text_len, text_dim] -> [B, text_len, dim] (zero-padded like the official model);
         CLIP [B, Li, clip_dim] -> [B, Li, dim] for i2v."""
         if context.shape[1] > self.text_len:
@@ -368,7 +378,9 @@ class WanModel(nn.Module):
         ctx_img = None
         if self.model_type == "i2v":
             if clip_fea is None:
-                raise ValueError("an i2v model needs clip_fea [B, 257, clip_dim] (CLIP features of the reference image)")
+                raise ValueError(
+                    "an i2v model needs clip_fea [B, 257, clip_dim] (CLIP features of the reference image)"
+                )
             ctx_img = self.img_emb(clip_fea)
         return ctx, ctx_img
 

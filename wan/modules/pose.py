@@ -114,12 +114,14 @@ def check_pose_alignment(pose_tokens: torch.Tensor, grid: tuple[int, int, int]) 
     if pose_frames != frames:
         raise ValueError(
             f"pose tokens cover {pose_frames} latent frames but the video has {frames} latent frames: give "
-            f"{4 * frames - 3} pose frames for this video (slice the clip's tokens per block with "
-            "pose_tokens_for_frames when streaming)"
+            f"{4 * frames - 3} pose frames at the video's pixel size ({16 * h}x{16 * w} for this {h}x{w} patch "
+            "grid); when streaming, slice the clip's tokens per block with pose_tokens_for_frames"
         )
 
 
-def pose_tokens_for_frames(tokens: torch.Tensor, start_frame: int, num_frames: int, tokens_per_frame: int) -> torch.Tensor:
+def pose_tokens_for_frames(
+    tokens: torch.Tensor, start_frame: int, num_frames: int, tokens_per_frame: int
+) -> torch.Tensor:
     """The slice of a clip's pose tokens [B, F_lat*T, dim] that covers latent frames [start, start+num)."""
     total = tokens.shape[1] // tokens_per_frame
     if start_frame + num_frames > total:

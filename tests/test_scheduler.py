@@ -1,0 +1,151 @@
+"""utils/scheduler.py against the formulas written out here in float64, the 4-step student list, and the
+official UniPC grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from utils.scheduler import (
+    add_noise,
+    flow_target,
+    flow_to_noise,
+    flow_to_x0,
+    make_unipc_scheduler,
+    sample_timesteps,
+    shift_sigma,
+    unipc_grid,
+    warp_timesteps,
+    x0_to_flow,
+)
+
+
+def _tensors(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(2, 4, 3, 2, 5, generator=gen).to(dtype)
+    noise = torch.randn(2, 4, 3, 2, 5, generator=gen).to(dtype)
+    return x0, noise
+
+
+def _sigma(t: torch.Tensor) -> torch.Tensor:
+    """t [B] or [B, F] -> sigma [B, 1, F or 1, 1, 1] in float64, written out independently."""
+    s = t.double() / 1000
+    return s.reshape(s.shape[0], 1, -1, 1, 1)
+
+
+TIMESTEPS = {
+    "per_sample": torch.tensor([1000.0, 37.5]),
+    "per_frame": torch.tensor([[999.0, 500.0, 0.0], [1.0, 250.0, 875.0]]),
+}
+
+
+def test_shift_sigma_formula():
+    sigma = np.linspace(0, 1, 101)
+    for s in (1.0, 3.0, 5.0, 8.0):
+        expected = s * sigma / (1 + (s - 1) * sigma)
+        assert np.abs(shift_sigma(sigma, s) - expected).max() == 0
+        assert np.abs(shift_sigma(torch.from_numpy(sigma), s).numpy() - expected).max() == 0
+    assert shift_sigma(0.0, 5.0) == 0 and shift_sigma(1.0, 5.0) == 1
+    assert np.array_equal(shift_sigma(sigma, 1.0), sigma)
+
+
+def test_warped_student_steps():
+    warped = warp_timesteps([1000, 750, 500, 250], shift=5.0)
+    assert warped == pytest.approx([1000.0, 937.5, 833.3333333333334, 625.0], abs=1e-9)
+    # Self-Forcing's construction: a 1000-step shifted schedule (plus a final 0) indexed by 1000 - t.
+    sigmas = np.linspace(1.0, 0.0, 1001)[:-1]
+    schedule = np.append(1000 * 5.0 * sigmas / (1 + 4.0 * sigmas), 0.0)
+    assert warped == pytest.approx([schedule[1000 - t] for t in (1000, 750, 500, 250)], abs=1e-9)
+
+
+@pytest.mark.parametrize("kind", TIMESTEPS)
+def test_add_noise_and_conversions(kind):
+    t = TIMESTEPS[kind]
+    x0, noise = _tensors(torch.float64)
+    sigma = _sigma(t)
+    x_t = add_noise(x0, noise, t)
+    assert torch.allclose(x_t, (1 - sigma) * x0 + sigma * noise, rtol=0, atol=1e-15)
+    flow = flow_target(x0, noise)
+    assert torch.equal(flow, noise - x0)
+    assert (flow_to_x0(flow, x_t, t) - x0).abs().max() <= 1e-12
+    assert (flow_to_noise(flow, x_t, t) - noise).abs().max() <= 1e-12
+    positive = (sigma > 0).expand_as(x0)  # flow from x0 is undefined at t = 0
+    assert (x0_to_flow(x0, x_t, t) - flow)[positive].abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conversions_run_in_float64_and_keep_dtype(dtype):
+    t = TIMESTEPS["per_frame"]
+    x0, noise = _tensors(dtype, seed=1)
+    flow = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    sigma = _sigma(t)
+    x0d, nd, fd = x0.double(), noise.double(), flow.double()
+    x_t = add_noise(x0, noise, t)
+    x_td = x_t.double()
+    cases = [
+        (x_t, (1 - sigma) * x0d + sigma * nd),
+        (flow_to_x0(flow, x_t, t), x_td - sigma * fd),
+        (flow_to_noise(flow, x_t, t), x_td + (1 - sigma) * fd),
+        (x0_to_flow(x0, x_t, t[:, [0, 1, 1]]), (x_td - x0d) / _sigma(t[:, [0, 1, 1]])),
+    ]
+    for got, expected in cases:
+        assert got.dtype == dtype
+        assert torch.equal(got, expected.to(dtype))  # one rounding, from the float64 result
+
+
+def test_timestep_shape_is_checked():
+    x0, noise = _tensors()
+    with pytest.raises(ValueError, match=r"\[B\] or \[B, F\]"):
+        add_noise(x0, noise, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"\[B, C, F, H, W\]"):
+        flow_to_x0(x0[0], noise[0], torch.zeros(2))
+
+
+def test_sample_timesteps_per_sample_and_per_frame():
+    gen = torch.Generator().manual_seed(0)
+    t = sample_timesteps(4, shift=5.0, min_t=20, max_t=980, generator=gen)
+    u = torch.rand(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = (1000 * 5 * u / (1 + 4 * u)).clamp(20, 980)
+    assert t.shape == (4,) and t.dtype == torch.float32
+    assert torch.equal(t, expected.float())
+
+    t = sample_timesteps(2, shift=5.0, num_frames=9, frames_per_block=3, generator=gen)
+    assert t.shape == (2, 9)
+    blocks = t.view(2, 3, 3)
+    assert torch.equal(blocks, blocks[..., :1].expand_as(blocks))  # one draw per block
+    assert sample_timesteps(3, shift=1.0, num_frames=5, generator=gen).unique().numel() == 15
+    with pytest.raises(ValueError, match="multiple"):
+        sample_timesteps(1, shift=5.0, num_frames=10, frames_per_block=3)
+
+
+def test_sample_timesteps_distribution():
+    t = sample_timesteps(20000, shift=5.0, min_t=20, max_t=980, generator=torch.Generator().manual_seed(1))
+    assert t.min() >= 20 and t.max() <= 980
+    assert abs(t.median().item() - 1000 * 2.5 / 3) < 10  # u = 0.5 -> 5 * 0.5 / (1 + 4 * 0.5)
+    assert abs((t == 980).float().mean().item() - (1 - 0.98 / (5 - 4 * 0.98))) < 0.01  # P(shifted u > 0.98)
+
+
+@pytest.mark.parametrize(("steps", "shift"), [(50, 5.0), (40, 3.0), (4, 8.0)])
+def test_unipc_matches_official_grid(steps, shift):
+    base = np.linspace(1 - 1 / 1000, 0, steps + 1)[:-1]
+    sigmas = shift * base / (1 + (shift - 1) * base)
+    got_sigmas, got_t = unipc_grid(steps, shift)
+    assert np.abs(got_sigmas.numpy() - sigmas).max() <= 1e-15
+    assert np.abs(got_t.numpy() - 1000 * sigmas).max() <= 1e-12
+
+    scheduler = make_unipc_scheduler(steps, shift)
+    # The official FlowUniPC: network timesteps are sigma * 1000 cast to int64; sigmas in float32, then 0.
+    assert scheduler.timesteps.dtype == torch.int64
+    assert scheduler.timesteps.tolist() == (1000 * sigmas).astype(np.int64).tolist()
+    assert torch.equal(scheduler.sigmas, torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32)))
+
+
+def test_unipc_with_exact_flow_lands_on_x0():
+    """Given the true flow eps - x0 of the straight path every x0 prediction is exact: UniPC ends at x0."""
+    x0, noise = _tensors(torch.float32, seed=3)
+    scheduler = make_unipc_scheduler(8, shift=5.0)
+    sample = add_noise(x0, noise, torch.full((2,), 1000 * scheduler.sigmas[0].item()))
+    for t in scheduler.timesteps:
+        sample = scheduler.step(noise - x0, t, sample).prev_sample
+    assert (sample - x0).abs().max() <= 1e-5

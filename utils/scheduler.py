@@ -1,0 +1,140 @@
+"""Flow matching in the repo's convention, and the one place that converts flow <-> x0.
+
+t in [0, 1000], sigma = t / 1000, x_t = (1 - sigma) * x0 + sigma * eps, and networks predict the flow
+eps - x0. Conversions run in float64 and return the input dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers import UniPCMultistepScheduler
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigma(sigma: torch.Tensor | np.ndarray | float, shift: float) -> torch.Tensor | np.ndarray | float:
+    """Timestep shift s*sigma / (1 + (s-1)*sigma); s > 1 spends more steps at high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def warp_timesteps(timesteps: Sequence[float], shift: float) -> list[float]:
+    """Student step list on the shifted grid: [1000, 750, 500, 250] with shift 5 -> [1000, 937.5, 833.3, 625].
+
+    Self-Forcing indexes a 1000-step shifted schedule with 1000 - t; that equals 1000 * shift_sigma(t / 1000).
+    """
+    return [NUM_TRAIN_TIMESTEPS * shift_sigma(float(t) / NUM_TRAIN_TIMESTEPS, shift) for t in timesteps]
+
+
+def _sigma_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t [B] or [B, F] -> sigma in float64, broadcastable onto x [B, C, F, H, W]."""
+    if x.ndim != 5:
+        raise ValueError(f"expected a [B, C, F, H, W] tensor, got shape {tuple(x.shape)}")
+    sigma = t.to(device=x.device, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
+    if t.ndim == 1 and t.shape[0] == x.shape[0]:
+        return sigma.view(-1, 1, 1, 1, 1)  # [B] -> [B, 1, 1, 1, 1]
+    if t.ndim == 2 and t.shape == (x.shape[0], x.shape[2]):
+        return sigma[:, None, :, None, None]  # [B, F] -> [B, 1, F, 1, 1]
+    raise ValueError(
+        f"timesteps must have shape [B] or [B, F] = [{x.shape[0]}] or [{x.shape[0]}, {x.shape[2]}] "
+        f"for a latent of shape {tuple(x.shape)}, got {tuple(t.shape)}"
+    )
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - sigma) * x0 + sigma * noise, x0 and noise [B, C, F, H, W], t [B] or [B, F]."""
+    sigma = _sigma_like(t, x0)
+    return ((1 - sigma) * x0.double() + sigma * noise.double()).to(x0.dtype)
+
+
+def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching regression target eps - x0."""
+    return (noise.double() - x0.double()).to(x0.dtype)
+
+
+def flow_to_x0(flow: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 = x_t - sigma * flow."""
+    sigma = _sigma_like(t, x_t)
+    return (x_t.double() - sigma * flow.double()).to(flow.dtype)
+
+
+def x0_to_flow(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """flow = (x_t - x0) / sigma; undefined at t = 0."""
+    sigma = _sigma_like(t, x_t)
+    return ((x_t.double() - x0.double()) / sigma).to(x0.dtype)
+
+
+def flow_to_noise(flow: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """eps = x0 + flow = x_t + (1 - sigma) * flow."""
+    sigma = _sigma_like(t, x_t)
+    return (x_t.double() + (1 - sigma) * flow.double()).to(flow.dtype)
+
+
+def sample_timesteps(
+    batch_size: int,
+    shift: float,
+    min_t: float = 0.0,
+    max_t: float = NUM_TRAIN_TIMESTEPS,
+    num_frames: int | None = None,
+    frames_per_block: int = 1,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Training timesteps: t = 1000 * shift_sigma(u, shift), u ~ U[0, 1), clamped to [min_t, max_t].
+
+    Returns [B] float32, or [B, num_frames] with one draw per block of frames_per_block frames.
+    """
+    if num_frames is None:
+        shape = (batch_size,)
+    else:
+        if num_frames % frames_per_block:
+            raise ValueError(
+                f"num_frames={num_frames} is not a multiple of frames_per_block={frames_per_block}"
+            )
+        shape = (batch_size, num_frames // frames_per_block)
+    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
+    t = (NUM_TRAIN_TIMESTEPS * shift_sigma(u, shift)).clamp(min_t, max_t)
+    if num_frames is not None:
+        t = t.repeat_interleave(frames_per_block, dim=1)  # [B, blocks] -> [B, F]
+    return t.float()
+
+
+def _official_unipc_base(num_steps: int) -> np.ndarray:
+    """The unshifted official grid linspace(0.999, 0, N + 1)[:-1] (float64)."""
+    return np.linspace(1 - 1 / NUM_TRAIN_TIMESTEPS, 0.0, num_steps + 1)[:-1]
+
+
+def unipc_grid(num_steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official Wan UniPC grid in float64: (sigmas, t = 1000 * sigmas), N values each.
+
+    sigmas = shift_sigma(linspace(0.999, 0, N + 1)[:-1]); the solver ends at sigma = 0, which is not returned.
+    """
+    sigmas = torch.from_numpy(shift_sigma(_official_unipc_base(num_steps), shift))
+    return sigmas, sigmas * NUM_TRAIN_TIMESTEPS
+
+
+def make_unipc_scheduler(
+    num_steps: int, shift: float, device: torch.device | str | None = None
+) -> UniPCMultistepScheduler:
+    """diffusers UniPC (flow prediction) set to the official grid, for teacher sampling.
+
+    diffusers shifts custom sigmas itself with flow_shift, so it gets the unshifted grid. As in the official
+    solver, `timesteps` (what the network sees) are the grid's t truncated to int64, while the solver steps
+    with the float32 sigmas followed by a final 0.
+    """
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=shift,
+        solver_order=2,
+        predict_x0=True,
+        solver_type="bh2",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
+    # set_timesteps does numpy arithmetic on `sigmas`: it needs an array, not the list its signature names.
+    scheduler.set_timesteps(sigmas=_official_unipc_base(num_steps), device=device)
+    return scheduler
