@@ -227,9 +227,7 @@ class SafetensorsReader:
         self._file.seek(begin)
         got = self._file.readinto(memoryview(buffer.numpy()))
         if got != end - begin:
-            raise ValueError(
-                f"{self.path}: read {got} of {end - begin} bytes of {name!r}: the file is truncated"
-            )
+            raise ValueError(f"{self.path}: read {got} of {end - begin} bytes of {name!r}: the file is truncated")
         if spec.nbytes == 0:
             return torch.empty(spec.shape, dtype=spec.dtype)
         return buffer.view(spec.dtype).reshape(spec.shape)
@@ -251,9 +249,7 @@ class TensorDictReader:
         self.path = Path(path)
         bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
         if bad:
-            raise ValueError(
-                f"{self.path} holds entries that are not tensors: {bad[:5]}; expected a flat state dict"
-            )
+            raise ValueError(f"{self.path} holds entries that are not tensors: {bad[:5]}; expected a flat state dict")
         self._tensors = tensors
         self.specs = {k: TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()}
         self.metadata: dict[str, str] = {}
