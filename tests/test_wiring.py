@@ -22,21 +22,17 @@ def test_imports(name):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "model").glob("*.yaml")), ids=lambda p: p.stem)
-def test_model_configs_name_buildable_presets(path):
+def test_model_setups_name_buildable_presets(path):
     cfg = OmegaConf.load(path)
-    assert cfg.model.preset in PRESETS, f"{path.name} names an unknown preset"
-    model = build_model(cfg.model.preset, device="meta")
-    assert model.dim == PRESETS[cfg.model.preset]["dim"]
-
-
-def test_every_preset_has_a_config_file():
-    names = {p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")}
-    assert set(PRESETS) <= names
+    assert set(cfg.roles) <= {"generator", "teacher", "critic", "discriminator"}
+    for role, spec in cfg.roles.items():
+        assert spec.preset in PRESETS, f"{path.name}: roles.{role} names an unknown preset"
+        assert build_model(spec.preset, device="meta").dim == PRESETS[spec.preset]["dim"]
 
 
 def test_default_config_parses():
     cfg = OmegaConf.load(ROOT / "configs" / "default.yaml")
-    assert cfg.model.preset in PRESETS
+    assert (ROOT / "configs" / "model" / f"{cfg.model}.yaml").exists()
 
 
 def test_bidirectional_rejects_causal_options():

@@ -97,20 +97,30 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return merged
 
 
-def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
-) -> None:
-    """Write a safetensors file through a temp file in the same folder and an atomic rename."""
+def _atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path` (never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file through a temp file in the same folder and an atomic rename."""
+    _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write a text file (configs, manifests) atomically."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

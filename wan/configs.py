@@ -32,6 +32,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The student: causal 1.3B with i2v inputs (y, CLIP) and pose_proj 5120 -> 1536.
     "wan_1.3b_causal_pose": dict(arch="causal", **_WAN_1_3B, **_I2V, **_CAUSAL) | {"pose_dim": UNIANIMATE_POSE_DIM},
     "wan_1.3b_causal_t2v": dict(arch="causal", **_WAN_1_3B, **_T2V, **_CAUSAL),
+    # The DMD critic (fake score): bidirectional 1.3B with the student's inputs, initialised from the base model.
+    "wan_1.3b_pose_critic": dict(arch="bidirectional", **_WAN_1_3B, **_I2V) | {"pose_dim": UNIANIMATE_POSE_DIM},
     # CPU tests: every code path of the real student (i2v, CLIP branch, pose_proj, causal blocks), tiny sizes.
     "tiny": dict(
         arch="causal",
@@ -92,10 +94,13 @@ def build_model(
     else:
         raise ValueError(f"arch={arch!r}: expected 'causal' or 'bidirectional'")
     cfg["patch_size"] = tuple(cfg.get("patch_size", (1, 2, 2)))
-    with torch.device(device or "cpu"):
-        model = cls(**cfg)
-    if dtype is not None:
-        model = model.to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)  # built in its dtype: a 14B model never exists in fp32 first
+    try:
+        with torch.device(device or "cpu"):
+            model = cls(**cfg)
+    finally:
+        torch.set_default_dtype(previous)
     return model
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from wan.modules.attention import BlockCausalSpec, attention, block_causal_attention
-from wan.modules.model import CrossKV, WanModel, rope_angles
+from wan.modules.model import CrossContext, CrossKV, WanModel, rope_angles
 
 
 class KVCache:
@@ -189,32 +189,27 @@ class CausalWanModel(WanModel):
 
         if kv_cache is None:
             spec = BlockCausalSpec(frames, h * w, self.num_frame_per_block, self.local_attn_size, self.sink_size)
-            ctx, ctx_img = self.embed_context(context, clip_fea)
+            cross = CrossContext(*self.embed_context(context, clip_fea))
 
             def attend(q, k, v, layer):
                 return block_causal_attention(q, k, v, spec)
 
-            def cross_kv(i):
-                return self.blocks[i].cross_attn.project_context(ctx, ctx_img)
-
         else:
             kv_cache.check_block(x.shape[0], current_start_frame, frames, h * w)
+            cross = self._cached_cross(kv_cache, context, clip_fea)
 
             def attend(q, k, v, layer):
                 return kv_cache.attend(layer, q, k, v, current_start_frame)
 
-            cross_kv = self._cached_cross_kv(kv_cache, context, clip_fea)
-
-        tokens = self.run_blocks(tokens, e0, cross_kv, rope, attend)
+        tokens = self.run_blocks(tokens, e0, cross, rope, attend)
         return self.unpatchify(self.head(tokens, e), grid)
 
-    def _cached_cross_kv(self, cache: KVCache, context: torch.Tensor, clip_fea: torch.Tensor | None):
-        """Cross-attention K/V computed once per clip. Under autograd they are recomputed each call, so the
-        generator's cross-attention weights get their gradient (a cache filled under no_grad would cut it)."""
+    def _cached_cross(self, cache: KVCache, context: torch.Tensor, clip_fea: torch.Tensor | None) -> CrossContext:
+        """Cross-attention K/V computed once per clip into the cache. Under autograd they are recomputed each
+        call and not stored, so the generator's cross-attention weights get their gradient (a cache filled
+        under no_grad would cut it)."""
         if torch.is_grad_enabled():
-            ctx, ctx_img = self.embed_context(context, clip_fea)
-            return lambda i: self.blocks[i].cross_attn.project_context(ctx, ctx_img)
-        if cache.cross[0] is None:
-            ctx, ctx_img = self.embed_context(context, clip_fea)
-            cache.cross = [block.cross_attn.project_context(ctx, ctx_img) for block in self.blocks]
-        return lambda i: cache.cross[i]
+            return CrossContext(*self.embed_context(context, clip_fea))
+        if cache.cross[-1] is not None:
+            return CrossContext(None, None, store=cache.cross)
+        return CrossContext(*self.embed_context(context, clip_fea), store=cache.cross)

@@ -151,6 +151,23 @@ class WanSelfAttention(nn.Module):
 CrossKV = tuple[torch.Tensor, ...]  # (k, v) or (k, v, k_img, v_img), each [B, L_ctx, H, D]
 
 
+class CrossContext:
+    """The embedded text/CLIP tokens a block cross-attends to, and an optional per-layer store of their K/V
+    (the KV cache's, filled once per clip). Each block projects its K/V inside its own forward, so sharded
+    (FSDP2) blocks project with their gathered weights."""
+
+    def __init__(self, ctx: torch.Tensor | None, ctx_img: torch.Tensor | None, store: list | None = None):
+        self.ctx, self.ctx_img, self.store = ctx, ctx_img, store
+
+    def kv(self, block: WanAttentionBlock, layer: int) -> CrossKV:
+        if self.store is not None and self.store[layer] is not None:
+            return self.store[layer]
+        kv = block.cross_attn.project_context(self.ctx, self.ctx_img)
+        if self.store is not None:
+            self.store[layer] = kv
+        return kv
+
+
 class WanCrossAttention(nn.Module):
     """Cross-attention to the text tokens; i2v models add a second attention to the CLIP tokens."""
 
@@ -205,9 +222,10 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(
-        self, x: torch.Tensor, e: torch.Tensor, cross_kv: CrossKV, rope: Rope, attend: Attend, layer: int
+        self, x: torch.Tensor, e: torch.Tensor, cross: CrossContext, rope: Rope, attend: Attend, layer: int
     ) -> torch.Tensor:
         """x [B, F*T, dim] fp32, e [B, F, 6, dim] fp32 (per-frame modulation) -> [B, F*T, dim] fp32."""
+        cross_kv = cross.kv(self, layer)
         mod = (self.modulation.float()[:, None] + e).unbind(2)  # 6 x [B, F, dim]
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod
         y = self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, attend, layer)
@@ -432,18 +450,13 @@ class WanModel(nn.Module):
     # -- forward
 
     def run_blocks(
-        self,
-        x: torch.Tensor,
-        e0: torch.Tensor,
-        cross_kv: Callable[[int], CrossKV],
-        rope: Rope,
-        attend: Attend,
+        self, x: torch.Tensor, e0: torch.Tensor, cross: CrossContext, rope: Rope, attend: Attend
     ) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(lambda x_, b=block, i=i: b(x_, e0, cross_kv(i), rope, attend, i), x, use_reentrant=False)
+                x = checkpoint(block, x, e0, cross, rope, attend, i, use_reentrant=False)
             else:
-                x = block(x, e0, cross_kv(i), rope, attend, i)
+                x = block(x, e0, cross, rope, attend, i)
         return x
 
     def forward(
@@ -464,8 +477,5 @@ class WanModel(nn.Module):
         def full_attention(q, k, v, layer):
             return attention(q, k, v)
 
-        def cross_kv(i):
-            return self.blocks[i].cross_attn.project_context(ctx, ctx_img)
-
-        tokens = self.run_blocks(tokens, e0, cross_kv, rope, full_attention)
+        tokens = self.run_blocks(tokens, e0, CrossContext(ctx, ctx_img), rope, full_attention)
         return self.unpatchify(self.head(tokens, e), grid)

@@ -1,0 +1,135 @@
+"""Training data in the batch layout of trainer/objective.py, and the per-iteration batch selection.
+
+The batch of an iteration is a pure function of (seed, iteration, rank): no iterator state, so a resumed
+run continues with exactly the batches a straight run would have seen, and N ranks with batch b see the
+same global batch as one process with batch N*b.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from utils.safetensors_io import load_file
+from utils.scheduler import add_noise
+from wan.configs import get_config
+
+
+class SyntheticPoseDataset(Dataset):
+    """Deterministic random samples for a network config: every key of the batch layout, plus an ODE
+    trajectory along the straight flow path (what a perfect teacher would produce) at `ode_steps`."""
+
+    def __init__(
+        self,
+        net_cfg: dict[str, Any],
+        num_samples: int,
+        latent_frames: int,
+        latent_size: tuple[int, int],
+        ode_steps: list[float],
+        seed: int = 0,
+    ):
+        self.cfg, self.num_samples, self.frames = net_cfg, num_samples, latent_frames
+        self.size, self.ode_steps, self.seed = tuple(latent_size), list(ode_steps), seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        c, f, (h, w) = self.cfg, self.frames, self.size
+        text_tokens = min(8, c["text_len"])
+        y_channels = c["in_dim"] - c["out_dim"]
+        latents = torch.randn(c["out_dim"], f, h, w, generator=g)
+        y = torch.zeros(y_channels, f, h, w)
+        if y_channels:
+            y[:4, 0] = 1.0  # the reference-frame mask
+            y[4:, 0] = latents[: y_channels - 4, 0]  # its latent (the reference frame is the clip's first)
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.tensor(self.ode_steps)
+        states = [add_noise(latents[None], noise[None], ti.view(1))[0] for ti in t]
+        return {
+            "latents": latents,
+            "context": torch.randn(text_tokens, c["text_dim"], generator=g),
+            "neg_context": torch.randn(text_tokens, c["text_dim"], generator=g) * 0.1,
+            "clip_fea": torch.randn(7, c["clip_dim"], generator=g),
+            "y": y,
+            "pose": torch.rand(3, 4 * f - 3, 8 * h, 8 * w, generator=g) * 255,
+            "ref_pose": torch.rand(3, 8 * h, 8 * w, generator=g) * 255,
+            "ode_latents": torch.stack(states + [latents]),  # [S+1, C, F, H, W], the last one clean
+            "ode_t": torch.cat([t, torch.zeros(1)]),
+        }
+
+
+class TensorFolderDataset(Dataset):
+    """A folder of samples, one safetensors file each, whose tensors use the batch layout's keys
+    (scripts/generate_ode_pairs.py and the preprocessing scripts write these)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"data.path={self.folder} is not a folder of *.safetensors samples")
+        self.files = sorted(self.folder.glob("*.safetensors"))
+        if not self.files:
+            raise ValueError(
+                f"data.path={self.folder} holds no *.safetensors samples: generate them first "
+                "(scripts/generate_ode_pairs.py for ode_pairs) or point data.path at the right folder"
+            )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return load_file(self.files[index])
+
+
+def build_dataset(data_cfg: Any, generator_preset: str | None, seed: int) -> Dataset:
+    if data_cfg.type == "synthetic":
+        if generator_preset is None:
+            raise ValueError("data.type=synthetic sizes its tensors from roles.generator.preset; set it")
+        return SyntheticPoseDataset(
+            get_config(generator_preset), data_cfg.num_samples, data_cfg.latent_frames,
+            tuple(data_cfg.latent_size), list(data_cfg.ode_steps), seed,
+        )  # fmt: skip
+    if data_cfg.type in ("ode_pairs", "latents"):
+        if data_cfg.path is None:
+            raise ValueError(f"data.type={data_cfg.type} needs data.path (a folder of samples)")
+        return TensorFolderDataset(data_cfg.path)
+    raise ValueError(f"data.type={data_cfg.type!r}: expected synthetic, ode_pairs or latents")
+
+
+def global_indices(num_samples: int, iteration: int, global_batch: int, seed: int, shuffle: bool) -> list[int]:
+    """The dataset indices of one iteration's global batch (epochs reshuffled with a per-epoch seed)."""
+    out = []
+    position = iteration * global_batch
+    while len(out) < global_batch:
+        epoch, offset = divmod(position, num_samples)
+        order = (
+            torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+            if shuffle
+            else list(range(num_samples))
+        )
+        take = min(global_batch - len(out), num_samples - offset)
+        out.extend(order[offset : offset + take])
+        position += take
+    return out
+
+
+def local_batch(
+    dataset: Dataset, ids: list[int], device: torch.device, float_dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Stack the samples `ids` into a batch on the device (floating tensors cast to float_dtype if given)."""
+    samples = [dataset[i] for i in ids]
+    keys = samples[0].keys()
+    missing = [k for k in keys if any(k not in s for s in samples)]
+    if missing:
+        raise ValueError(f"samples disagree on their keys (e.g. {missing[:3]}): regenerate the dataset")
+    batch = {}
+    for key in keys:
+        value = torch.stack([s[key] for s in samples]).to(device)
+        if float_dtype is not None and value.is_floating_point() and key not in ("ode_t", "pose", "ref_pose"):
+            value = value.to(float_dtype)
+        batch[key] = value
+    return batch

@@ -1,0 +1,26 @@
+"""Exponential moving average of a network's parameters, sharded exactly like the network (the shadow
+tensors are clones of the parameters, DTensors under FSDP2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float, start: int = 0):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay={decay} must be in (0, 1)")
+        self.decay, self.start = decay, start
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, iteration: int) -> None:
+        """Track the weights after an optimizer step: copy before `start`, then shadow += (1-decay)(p - shadow)."""
+        weight = 1.0 if iteration < self.start else 1.0 - self.decay
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach(), weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow

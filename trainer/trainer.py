@@ -1,0 +1,232 @@
+"""The training loop shared by every stage: roles and optimizers from the config, the objective's losses per
+role, gradient accumulation, averaging across ranks, clipping, optimizer steps when the objective says they
+are due, EMA, atomic DCP checkpoints with resume, logging (console, tqdm, metrics.jsonl, optional wandb)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from tqdm import tqdm
+
+from trainer.checkpoint import CheckpointManager
+from trainer.data import build_dataset, global_indices, local_batch
+from trainer.ema import EMA
+from trainer.objective import Objective, TrainContext
+from trainer.roles import DTYPES, build_role, parallel_mode, replicated_params
+from utils.config import ConfigError, save_config
+from utils.dist import all_reduce_mean, average_gradients, barrier, init_distributed
+from utils.safetensors_io import atomic_save_safetensors
+from wan.configs import model_config
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/inf: the run stops before the step, leaving the last checkpoint intact."""
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global grad-norm clipping over plain and FSDP2 (DTensor) gradients alike; returns the norm before."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    squares = [_full_tensor(g.detach().float().pow(2).sum()) for g in grads]
+    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.device))
+    return total
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, registry: dict[str, type[Objective]]):
+        self.cfg = cfg
+        self.dist = init_distributed()
+        self.mode = parallel_mode(cfg, self.dist)
+        objective_cls = registry[cfg.stage]
+        self.run_dir = Path(cfg.run.output_dir) / (cfg.run.name or cfg.stage)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, self.dist.is_main)
+        if cfg.run.resume is None and self.ckpt.valid():
+            raise ConfigError(
+                f"{self.run_dir} already has checkpoints: pass run.resume=auto (or --resume auto) to continue it, "
+                "or choose another run.name"
+            )
+        self.global_batch = cfg.train.batch_size * self.dist.world_size
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        torch.manual_seed(cfg.seed)
+        self.trainable = objective_cls.trainable_roles
+        self.roles = {
+            name: build_role(name, cfg.roles[name], cfg, self.dist, name in self.trainable)
+            for name in objective_cls.required_roles
+        }
+        self.optimizers = {}
+        for name in self.trainable:
+            rc = cfg.roles[name]
+            params = [p for p in self.roles[name].parameters() if p.requires_grad]
+            self.optimizers[name] = torch.optim.AdamW(
+                params, lr=rc.lr, betas=tuple(rc.betas), weight_decay=rc.weight_decay, eps=rc.eps
+            )
+        self.emas = {
+            name: EMA(self.roles[name], cfg.roles[name].ema_decay, cfg.roles[name].ema_start)
+            for name in self.trainable
+            if cfg.roles[name].ema_decay is not None
+        }
+        compute_dtype = DTYPES[cfg.train.dtype]
+        self.ctx = TrainContext(self.dist.device, compute_dtype, cfg.seed, self.dist.rank, self.dist.world_size)
+        self.objective = objective_cls(cfg.objective, self.roles, self.ctx)
+        generator_preset = cfg.roles.generator.preset if "generator" in cfg.roles else None
+        self.data = build_dataset(cfg.data, generator_preset, cfg.seed)
+        self.float_dtype = compute_dtype
+        self.start = 0
+        if cfg.run.resume is not None:
+            self.start = self._resume(cfg.run.resume)
+
+    # -- state
+
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            name: get_model_state_dict(m) for name, m in self.roles.items() if name in self.trainable
+        }
+        state.update({f"{name}_ema": ema.state_dict() for name, ema in self.emas.items()})
+        state["optimizers"] = {
+            name: get_optimizer_state_dict(self.roles[name], opt) for name, opt in self.optimizers.items()
+        }
+        return state
+
+    def _resume(self, resume: str) -> int:
+        if resume != "auto":
+            self.ckpt = CheckpointManager(Path(resume).parent, self.cfg.train.keep_last, self.dist.is_main)
+        state = self._state()
+        iteration = self.ckpt.load_latest(state)
+        if iteration is None:
+            log.info("run.resume=%s: no complete checkpoint in %s, starting fresh", resume, self.ckpt.folder)
+            return 0
+        for name in self.trainable:
+            set_model_state_dict(self.roles[name], state[name])
+            set_optimizer_state_dict(self.roles[name], self.optimizers[name], state["optimizers"][name])
+        return iteration
+
+    # -- loop
+
+    def _micro_batch(self, iteration: int, micro: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+        b, accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
+        step = iteration * accum + micro
+        ids = global_indices(len(self.data), step, self.global_batch, self.cfg.seed, self.cfg.data.shuffle)
+        lo = self.dist.rank * b
+        positions = [step * self.global_batch + lo + i for i in range(b)]  # unique ids for the noise streams
+        return local_batch(self.data, ids[lo : lo + b], self.dist.device, self.float_dtype), positions
+
+    def train(self) -> list[dict[str, float]]:
+        cfg = self.cfg
+        history = []
+        metrics_path = self.run_dir / "metrics.jsonl"
+        bar = tqdm(range(self.start, cfg.train.iterations), initial=self.start, total=cfg.train.iterations,
+                   desc=cfg.stage, disable=not self.dist.is_main)  # fmt: skip
+        wandb_run = self._wandb()
+        for iteration in bar:
+            due = tuple(self.objective.due(iteration))
+            unknown = [r for r in due if r not in self.optimizers]
+            if unknown:
+                raise RuntimeError(f"objective {cfg.stage} marked {unknown} due, but they have no optimizer")
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            sums: dict[str, torch.Tensor] = {}
+            for micro in range(cfg.train.grad_accum):
+                batch, positions = self._micro_batch(iteration, micro)
+                self.ctx.begin_step(iteration * cfg.train.grad_accum + micro, positions)
+                out = self.objective.train_step(batch, iteration, due)
+                missing = [r for r in due if r not in out.losses]
+                if missing:
+                    raise RuntimeError(f"objective {cfg.stage} returned no loss for due roles {missing}")
+                total = sum(out.losses[r] for r in due) / cfg.train.grad_accum
+                if due:
+                    total.backward()
+                for key, value in [*((f"loss/{r}", v) for r, v in out.losses.items()), *out.logs.items()]:
+                    value = torch.as_tensor(value, dtype=torch.float32).detach().to(self.dist.device)
+                    sums[key] = sums.get(key, 0) + value / cfg.train.grad_accum
+            logs = all_reduce_mean(sums)
+            for role in due:
+                value = logs.get(f"loss/{role}", 0.0)
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"iteration {iteration}: the {role} loss is {value}; stopped before the optimizer step, "
+                        f"the last checkpoint in {self.ckpt.folder} is intact. Lower roles.{role}.lr or "
+                        "train.grad_clip, or check the data and the role's weights"
+                    )
+            for role in due:
+                model = self.roles[role]
+                params = [p for p in model.parameters() if p.requires_grad]
+                if self.mode == "ddp":
+                    average_gradients(params)
+                elif self.mode == "fsdp":
+                    average_gradients([p for p in replicated_params(model) if p.requires_grad])
+                logs[f"grad_norm/{role}"] = float(clip_grad_norm(params, cfg.train.grad_clip))
+                self.optimizers[role].step()
+                if role in self.emas:
+                    self.emas[role].update(model, iteration)
+            logs["iteration"] = iteration
+            history.append(logs)
+            if self.dist.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(logs) + "\n")
+                if wandb_run is not None:
+                    wandb_run.log(logs, step=iteration)
+                if iteration % cfg.train.log_every == 0:
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
+                    log.info("iteration %d: %s", iteration, ", ".join(f"{k} {v:.5g}" for k, v in logs.items()))
+            done = iteration + 1
+            if done % cfg.train.save_every == 0 or done == cfg.train.iterations:
+                self.ckpt.save(done, self._state())
+        if cfg.train.export:
+            self.export()
+        if wandb_run is not None:
+            wandb_run.finish()
+        return history
+
+    def _wandb(self):
+        if not (self.cfg.logging.wandb and self.dist.is_main):
+            return None
+        try:
+            import wandb
+        except ImportError as err:
+            raise ConfigError("logging.wandb=true needs the wandb package: pip install -e '.[train]'") from err
+        return wandb.init(project=self.cfg.logging.project, mode=self.cfg.logging.wandb_mode, dir=str(self.run_dir),
+                          name=self.run_dir.name, config=dict(self.cfg))  # fmt: skip
+
+    def export(self) -> None:
+        """<run>/export/<role>.safetensors and <role>_ema.safetensors: canonical keys, network config in the
+        metadata (wan.checkpoint.load_model rebuilds them)."""
+        for name in self.trainable:
+            model = self.roles[name]
+            metadata = {"format": "poseforcing", "config": json.dumps(model_config(model)), "stage": self.cfg.stage}
+            tensors = {k: _full_tensor(v).detach().cpu() for k, v in model.state_dict().items()}
+            shadows = {}
+            if name in self.emas:
+                shadows = {k: _full_tensor(v).detach().cpu() for k, v in self.emas[name].state_dict().items()}
+            if self.dist.is_main:
+                atomic_save_safetensors(tensors, self.run_dir / "export" / f"{name}.safetensors", metadata)
+                if shadows:
+                    atomic_save_safetensors(
+                        {**tensors, **shadows}, self.run_dir / "export" / f"{name}_ema.safetensors", metadata
+                    )
+        barrier()
