@@ -65,16 +65,20 @@ def build_role(name: str, role_cfg: Any, cfg: Any, dist: DistInfo, trainable: bo
     # FSDP2 keeps fp32 master shards and computes in bf16; elsewhere the params are the compute dtype.
     param_dtype = torch.float32 if (mode == "fsdp" or not bf16) else torch.bfloat16
     model = build_model(role_cfg.preset, device=dist.device, dtype=param_dtype)
+    pose_missing = model.pose_dim is not None
     if role_cfg.weights is not None:
         if not Path(role_cfg.weights).exists():
             raise FileNotFoundError(
                 f"roles.{name}.weights={role_cfg.weights} does not exist: fix the path (download_models.py fetches "
                 "the official checkpoints; scripts/merge_lora.py builds the pose teacher)"
             )
-        load_weights(model, role_cfg.weights, allow_fresh=list(role_cfg.allow_fresh), ema=role_cfg.weights_ema)
+        report = load_weights(model, role_cfg.weights, allow_fresh=list(role_cfg.allow_fresh), ema=role_cfg.weights_ema)
+        pose_missing = any(k.startswith(("dwpose_embedding.", "randomref_embedding_pose.")) for k in report.fresh_init)
     else:
         log.warning("roles.%s (%s) starts from its random init: roles.%s.weights is null", name, role_cfg.preset, name)
-    if role_cfg.pose_weights_path is not None:  # training always uses pose: load now, before any sharding
+    # pose_weights_path fills pose encoders the checkpoint lacks (never overwrites trained ones); loaded now,
+    # before any sharding, since training always uses pose.
+    if role_cfg.pose_weights_path is not None and pose_missing:
         load_pose_weights(model, role_cfg.pose_weights_path)
     model.requires_grad_(trainable).train(trainable)
     model.gradient_checkpointing = bool(cfg.train.gradient_checkpointing and trainable)

@@ -401,9 +401,13 @@ class WanVAE(nn.Module):
             converted = convert_wan_vae_to_diffusers(load_file(checkpoint))
             missing, unexpected = vae.load_state_dict(converted, strict=False)
             _report(VAE_ASSET, checkpoint, missing, unexpected, strict)
-        if vae.config.z_dim != len(LATENT_MEAN):
+        # The latent statistics travel with the VAE's config (diffusers' defaults are Wan2.1's); a VAE trained
+        # here (e.g. the toy world's, scripts/train_toy_vae.py) stores its own measured ones there.
+        mean = list(getattr(vae.config, "latents_mean", None) or LATENT_MEAN)
+        std = list(getattr(vae.config, "latents_std", None) or LATENT_STD)
+        if not vae.config.z_dim == len(mean) == len(std):
             raise ValueError(
-                f"{VAE_ASSET}: z_dim {vae.config.z_dim} != {len(LATENT_MEAN)} normalisation channels"
+                f"{VAE_ASSET}: z_dim {vae.config.z_dim} but {len(mean)}/{len(std)} latent mean/std channels"
             )
         vae.encoder.float()
         vae.quant_conv.float()
@@ -412,10 +416,10 @@ class WanVAE(nn.Module):
         self.vae = vae.to(device).eval().requires_grad_(False)
         self.dtype = dtype
         self.register_buffer(
-            "mean", torch.tensor(LATENT_MEAN, device=device).view(1, -1, 1, 1, 1), persistent=False
+            "mean", torch.tensor(mean, device=device).view(1, -1, 1, 1, 1), persistent=False
         )
         self.register_buffer(
-            "std", torch.tensor(LATENT_STD, device=device).view(1, -1, 1, 1, 1), persistent=False
+            "std", torch.tensor(std, device=device).view(1, -1, 1, 1, 1), persistent=False
         )
 
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
