@@ -1,103 +1,526 @@
-"""PoseForcing inference: stream a pose-conditioned clip block by block through the causal student.
+"""PoseForcing inference: a reference image, a pose sequence and a prompt -> an mp4, streamed block by block.
 
-With no arguments it runs the embedded default: the tiny causal pose preset with RANDOM weights, a
-synthetic pose clip and random text/CLIP features, streamed block by block through the KV cache. That
-shows the streaming mechanics end to end (pose encoder -> per-block pose tokens -> 4 denoising steps + a
-clean context pass per block); with random weights the latents are noise, not a video. The full pipeline
-(reference image + pose video + prompt -> mp4 through T5, CLIP and the streaming VAE) builds on this.
+    python inference.py --config configs/inference/student_1.3b.yaml --weights student.safetensors \\
+        --ref person.png --pose poses/dance/keypoints.json --ref-pose poses/dance/ref_keypoints.json \\
+        --prompt "a person is dancing" --out outputs/dance.mp4 --preview outputs/dance_side_by_side.mp4
+
+Pose input: --pose is a folder of drawn pose images, a pose video, or a keypoints JSON (scripts/extract_pose.py
+writes one; keypoints are drawn at the reference's size and aligned to the reference pose when it is known).
+--driving takes an RGB video instead and extracts its pose with DWPose (--det-onnx, --pose-onnx). The reference
+pose comes from --ref-pose (image or keypoints JSON), else from DWPose on --ref when its models are there;
+without one the input is pose-only (the reference-pose map stays zero). The video has the reference image's size.
+
+With no arguments it runs the embedded default (configs/inference/tiny.yaml): the tiny causal pose preset and
+tiny VAE, text and image encoders, all with RANDOM weights built in memory (nothing is downloaded), on a clip of
+the synthetic pose world. It shows the whole streaming path end to end; the output is noise, not a video.
+Config values can also be set as KEY=VALUE arguments (e.g. guidance_scale=3.0); flags win over both.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
+import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from pipeline.causal_diffusion_inference import DEFAULT_STEPS, Conditions, stream_latents
-from utils.safetensors_io import atomic_save_safetensors
-from wan.checkpoint import load_weights
+from pipeline.bidirectional_inference import TeacherPosePipeline
+from pipeline.causal_diffusion_inference import (
+    DEFAULT_STEPS,
+    WAN_NEGATIVE_PROMPT,
+    PosePipeline,
+    StreamingPosePipeline,
+    check_clip_inputs,
+)
+from utils.pose import DWPoseDetector, DWPoseUnavailable, PoseSequence, align_pose, draw_pose_frames, load_keypoints
+from utils.pose.load import load_pose_frames
+from utils.text_cache import CachedTextEncoder
+from utils.video_io import VideoReadError, read_frames, read_image, read_video, write_video
+from utils.wan_wrapper import ImageEncoder, WanVAE
+from wan.checkpoint import POSE_PREFIXES, CheckpointKeyError, load_pose_weights, load_weights
 from wan.configs import PRESETS, build_model
+from wan.modules.causal_model import CausalWanModel
+from wan.modules.model import WanModel
 
 log = logging.getLogger("inference")
 
-
-def synthetic_pose_clip(num_frames: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
-    """A moving bright bar on black, [1, 3, F, H, W] in 0..255: stands in for drawn DWPose frames."""
-    clip = torch.zeros(1, 3, num_frames, height, width)
-    colour = torch.rand(3, generator=generator) * 200 + 55
-    for f in range(num_frames):
-        x0 = int((width - width // 4) * f / max(1, num_frames - 1))
-        clip[0, :, f, height // 4 : 3 * height // 4, x0 : x0 + width // 4] = colour[:, None, None]
-    return clip
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = ROOT / "configs" / "inference" / "tiny.yaml"
+RANDOM_STD = 0.05  # random weights everywhere (the official init zeroes the head and pose_proj: no output)
 
 
-def parse_args() -> argparse.Namespace:
+@dataclass
+class SyntheticClip:
+    """The clip of the synthetic pose world used when no --ref / --pose is given."""
+
+    height: int = 64
+    width: int = 96
+    num_frames: int = 33
+
+
+@dataclass
+class InferenceConfig:
+    """Every key an inference config (configs/inference/*.yaml) may set. Relative paths are under --models-dir."""
+
+    preset: str = "tiny"  # wan/configs.py; causal presets stream, bidirectional ones run the teacher sampler
+    random_weights: bool = False  # every network random, built in memory: a smoke run, the output is noise
+    weights: str | None = None  # the network's checkpoint (any format wan/checkpoint.py reads)
+    ema: bool | None = None  # nested training checkpoints: true = generator_ema, false = raw, null = ema if present
+    pose_weights: str | None = None  # UniAnimate checkpoint: pose encoders, for weights that lack them
+    local_attn_size: int | None = None  # causal: attention window in latent frames (null: the preset's)
+    sink_size: int | None = None  # causal: frames kept at the start when a window is set
+    t5: str | None = None  # models_t5_umt5-xxl-enc-bf16.pth or a HF folder
+    t5_tokenizer: str | None = None  # google/umt5-xxl tokenizer folder
+    clip: str | None = None  # models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or a HF folder
+    vae: str | None = None  # Wan2.1_VAE.pth or a diffusers folder
+    det_onnx: str | None = None  # DWPose person detector yolox_l.onnx
+    pose_onnx: str | None = None  # DWPose whole-body model dw-ll_ucoco_384.onnx
+    text_cache: str = "text_cache"  # prompt embeddings cached on disk
+    prompt: str = "a person is dancing"
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    guidance_scale: float = 1.0  # CFG w (pred = u + w (c - u)); 1 = off
+    denoising_steps: list[float] = field(default_factory=lambda: list(DEFAULT_STEPS))  # causal student
+    num_steps: int = 50  # teacher: UniPC steps
+    shift: float = 5.0  # teacher: timestep shift of the UniPC grid
+    num_frames: int | None = None  # video frames, 1 + 4k; null: the longest 1 + 4k prefix of the pose clip
+    fps: float = 16.0
+    synthetic: SyntheticClip = field(default_factory=SyntheticClip)
+    device: str = "auto"  # auto: cuda if available
+    dtype: str = "auto"  # auto: bf16 on cuda, fp32 on cpu; or bf16, fp16, fp32
+
+
+# Config path keys: the flag that sets each, and where download_models.py gets it.
+PATH_KEYS = {
+    "weights": ("--weights", None),
+    "pose_weights": ("--pose-weights", "UniAnimate-DiT"),
+    "t5": ("--t5", "Wan2.1-T2V-1.3B"),
+    "t5_tokenizer": ("--t5-tokenizer", "Wan2.1-T2V-1.3B"),
+    "clip": ("--clip", "Wan2.1-CLIP"),
+    "vae": ("--vae", "Wan2.1-T2V-1.3B"),
+    "det_onnx": ("--det-onnx", "UniAnimate-DiT"),
+    "pose_onnx": ("--pose-onnx", "UniAnimate-DiT"),
+    "text_cache": ("--text-cache", None),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class InputError(ValueError):
+    """Bad input: the message names the flag or file and the fix, and is printed as one line."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line and config
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(n for n, c in PRESETS.items() if c["arch"] == "causal"),
-                   help="network preset (default: tiny, random weights)")  # fmt: skip
-    p.add_argument("--weights", type=Path, help="student checkpoint (any format wan/checkpoint.py reads)")
-    p.add_argument("--num-frames", type=int, default=33, help="video frames, 1 + 4k (default 33 = 9 latent frames)")
-    p.add_argument("--height", type=int, default=64, help="video height, multiple of 16")
-    p.add_argument("--width", type=int, default=96, help="video width, multiple of 16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("outputs/demo/latents.safetensors"),
-                   help="where the generated latents [1, 16, F, H/8, W/8] are written")  # fmt: skip
-    return p.parse_args()
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument(
+        "--ref", type=Path, help="reference image (png/jpg); its size is the video's size (multiples of 16)"
+    )
+    io.add_argument(
+        "--pose", type=Path, help="pose input: a folder of drawn pose images, a pose video, or a keypoints JSON"
+    )
+    io.add_argument("--driving", type=Path,
+                    help="RGB driving video instead of --pose: its pose is extracted with DWPose (--det-onnx, "
+                         "--pose-onnx) and aligned to the reference")  # fmt: skip
+    io.add_argument("--ref-pose", type=Path,
+                    help="the reference's pose: a drawn pose image or a keypoints JSON (default: DWPose on --ref "
+                         "when its models are there, else pose-only input)")  # fmt: skip
+    io.add_argument("--no-align", action="store_true",
+                    help="draw keypoints as given instead of aligning them to the reference pose")  # fmt: skip
+    io.add_argument("--prompt", help="text prompt (default: the config's, 'a person is dancing')")
+    io.add_argument(
+        "--num-frames",
+        type=int,
+        help="video frames, 1 + 4k (default: the config's, else the longest 1 + 4k prefix of the pose)",
+    )
+    io.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
+    io.add_argument("--out", type=Path, default=Path("outputs/video.mp4"), help="output mp4, written atomically")
+    io.add_argument("--preview", type=Path, help="also write a side-by-side pose | output mp4 here")
+    model = p.add_argument_group("model and weights (config paths are relative to --models-dir)")
+    model.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                       help="inference config YAML (default: the tiny random-weight demo)")  # fmt: skip
+    model.add_argument(
+        "--models-dir",
+        type=Path,
+        default=Path(os.environ.get("WAN_MODELS_DIR", "models")),
+        help="folder of downloaded assets (download_models.py); default $WAN_MODELS_DIR or ./models",
+    )
+    model.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME",
+                       help="network preset from wan/configs.py (overrides the config's)")  # fmt: skip
+    model.add_argument("--weights", type=Path, help="network checkpoint (file, shards folder or Wan model folder)")
+    model.add_argument("--pose-weights", type=Path,
+                       help="UniAnimate checkpoint with the pose encoders, for weights that lack them")  # fmt: skip
+    model.add_argument("--t5", type=Path, help="UMT5-XXL text encoder, models_t5_umt5-xxl-enc-bf16.pth")
+    model.add_argument("--t5-tokenizer", type=Path, help="UMT5 tokenizer folder (google/umt5-xxl)")
+    model.add_argument(
+        "--clip", type=Path, help="CLIP image encoder, models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+    )
+    model.add_argument("--vae", type=Path, help="Wan2.1 VAE, Wan2.1_VAE.pth")
+    model.add_argument("--det-onnx", type=Path, help="DWPose person detector, yolox_l.onnx")
+    model.add_argument("--pose-onnx", type=Path, help="DWPose whole-body model, dw-ll_ucoco_384.onnx")
+    model.add_argument("--text-cache", type=Path, help="folder of cached prompt embeddings")
+    model.add_argument("--guidance-scale", type=float, help="CFG scale w (1 = off, the student's default)")
+    model.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    model.add_argument("--dtype", choices=["auto", *DTYPES], help="network dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config values, e.g. guidance_scale=3.0")
+    return p
 
 
-def main() -> None:
-    args = parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if (args.num_frames - 1) % 4 or args.height % 16 or args.width % 16:
-        raise SystemExit(
-            f"--num-frames must be 1 + 4k and --height/--width multiples of 16 "
-            f"(got {args.num_frames}, {args.height}x{args.width})"
+def load_config(args: argparse.Namespace) -> InferenceConfig:
+    """InferenceConfig from its defaults <- the YAML file <- KEY=VALUE arguments <- flags; unknown keys fail."""
+    if not args.config.is_file():
+        configs = ", ".join(sorted(p.name for p in DEFAULT_CONFIG.parent.glob("*.yaml")))
+        raise InputError(f"--config {args.config} does not exist; configs in configs/inference/: {configs}")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise InputError(f"argument {bad[0]!r} is not KEY=VALUE (config overrides look like guidance_scale=3.0)")
+    flags = {
+        key: getattr(args, key)
+        for key in ("preset", "prompt", "num_frames", "guidance_scale", "device", "dtype")
+        if getattr(args, key) is not None
+    }
+    try:
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(InferenceConfig),
+            OmegaConf.load(args.config),
+            OmegaConf.from_dotlist(list(args.overrides)),
+            flags,
         )
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    model = build_model(args.preset, device=device, dtype=dtype).eval()
-    if args.weights:
-        load_weights(model, args.weights, allow_fresh=["pose"])
+    except OmegaConfBaseException as e:
+        raise InputError(f"--config {args.config}: {str(e).splitlines()[0]} (valid keys: InferenceConfig in "
+                         "inference.py)") from e  # fmt: skip
+    return OmegaConf.to_object(cfg)
+
+
+def resolve_paths(cfg: InferenceConfig, args: argparse.Namespace) -> dict[str, Path]:
+    """Asset paths: flags as given, config values under --models-dir (absolute ones as they are)."""
+    paths = {}
+    for key in PATH_KEYS:
+        flag_value = getattr(args, key)
+        if flag_value is not None:
+            paths[key] = flag_value.expanduser()
+        elif getattr(cfg, key) is not None:
+            value = Path(getattr(cfg, key)).expanduser()
+            paths[key] = value if value.is_absolute() else args.models_dir / value
+    return paths
+
+
+def require_file(paths: dict[str, Path], key: str, why: str, models_dir: Path) -> Path:
+    """The path of an asset that must exist, or an error naming its flag and how to get it."""
+    flag, asset = PATH_KEYS[key]
+    if key not in paths:
+        raise InputError(f"{flag} is needed ({why}) and the config sets no '{key}': pass {flag} PATH")
+    path = paths[key]
+    if not path.exists():
+        fetch = (f"fetch it with `python download_models.py {asset} --models-dir {models_dir}` or pass {flag} PATH"
+                 if asset else f"pass the right path with {flag}")  # fmt: skip
+        raise InputError(f"{flag} {path} does not exist ({why}): {fetch}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs: reference image, pose frames, reference pose
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClipInputs:
+    """uint8 RGB arrays: ref [H, W, 3], pose [F, H, W, 3], ref_pose [H, W, 3] or None; and the prompt."""
+
+    ref: np.ndarray
+    pose: np.ndarray
+    ref_pose: np.ndarray | None
+    prompt: str
+
+
+def _read(flag: str, reader, path: Path, fix: str):
+    """Call a reader; a missing or undecodable file becomes one line naming the flag, the file and the fix."""
+    try:
+        return reader(path)
+    except (VideoReadError, FileNotFoundError, ValueError) as e:
+        raise InputError(f"{flag}: {str(e).splitlines()[0]}; {fix}") from e
+
+
+def _is_json(path: Path) -> bool:
+    return path.suffix.lower() == ".json"
+
+
+def _dwpose(paths: dict[str, Path], models_dir: Path, device: str) -> DWPoseDetector:
+    det = require_file(paths, "det_onnx", "DWPose person detector", models_dir)
+    pose = require_file(paths, "pose_onnx", "DWPose whole-body model", models_dir)
+    return DWPoseDetector(det, pose, device=device)
+
+
+def load_inputs(args: argparse.Namespace, cfg: InferenceConfig, paths: dict[str, Path]) -> ClipInputs:
+    """The clip's inputs from the flags, or a synthetic clip when neither --ref nor a pose input is given."""
+    if args.ref is None and args.pose is None and args.driving is None:
+        return synthetic_inputs(cfg, args.seed)
+    if args.ref is None or (args.pose is None) == (args.driving is None):
+        raise InputError("give --ref and exactly one of --pose / --driving (or none of them for a synthetic clip)")
+    ref = _read("--ref", read_image, args.ref, "give a png/jpg image")
+    height, width = ref.shape[:2]
+    detector = None
+    ref_keypoints: PoseSequence | None = None
+    ref_pose = None
+    if args.ref_pose is not None and _is_json(args.ref_pose):
+        ref_keypoints = _read(
+            "--ref-pose", load_keypoints, args.ref_pose, "give the JSON scripts/extract_pose.py wrote"
+        )
+    elif args.ref_pose is not None:
+        ref_pose = _read("--ref-pose", read_image, args.ref_pose, "give a drawn pose image or a keypoints JSON")
+        if ref_pose.shape != ref.shape:
+            raise InputError(f"--ref-pose {args.ref_pose} is {ref_pose.shape[0]}x{ref_pose.shape[1]} but --ref "
+                             f"{args.ref} is {height}x{width}: draw it at the reference's size")  # fmt: skip
+    elif args.driving is not None:
+        detector = _dwpose(paths, args.models_dir, "cpu")
+        ref_keypoints = detector(ref[None])
+    elif all(k in paths and paths[k].is_file() for k in ("det_onnx", "pose_onnx")):
+        try:
+            ref_keypoints = _dwpose(paths, args.models_dir, "cpu")(ref[None])
+            log.info("reference pose: DWPose on %s", args.ref)
+        except DWPoseUnavailable as e:  # the models are there but rtmlib/onnxruntime are not: pose-only input
+            log.warning("%s", e)
+
+    align_to = None if args.no_align else ref_keypoints
+    if args.driving is not None:
+        frames = _read("--driving", read_video, args.driving, "give a video ffmpeg can decode (e.g. H.264 mp4)")
+        keypoints = (detector or _dwpose(paths, args.models_dir, "cpu"))(frames)
+        pose = draw_pose_frames(keypoints if align_to is None else align_pose(keypoints, align_to), height, width)
+    elif _is_json(args.pose):
+        drawn = _read("--pose", lambda p: load_pose_frames(p, height, width, align_to=align_to), args.pose,
+                      "give the keypoints JSON scripts/extract_pose.py wrote")  # fmt: skip
+        pose = drawn.permute(1, 2, 3, 0).to(torch.uint8).numpy()  # [3, F, H, W] -> [F, H, W, 3]
     else:
-        log.warning("no --weights: the %s network has RANDOM weights; the output is noise, not a video", args.preset)
-        with torch.no_grad():  # make every path active (the official init zeroes the head and pose_proj)
-            for p in model.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        pose = _read("--pose", read_frames, args.pose,
+                     "give a folder of pose images, a pose video ffmpeg can decode, or a keypoints JSON")  # fmt: skip
+    if ref_keypoints is not None:
+        ref_pose = draw_pose_frames(ref_keypoints.select([0]), height, width)[0]
+    if ref_pose is None:
+        log.warning("no reference pose (--ref-pose, or DWPose models for --ref): pose-only input, the "
+                    "reference-pose map stays zero")  # fmt: skip
+    return ClipInputs(ref, pose, ref_pose, cfg.prompt)
 
-    latent_frames = (args.num_frames - 1) // 4 + 1
-    latent_size = (args.height // 8, args.width // 8)
-    pose = synthetic_pose_clip(args.num_frames, args.height, args.width, gen).to(device)
-    context = torch.randn(1, model.text_len, model.text_dim, generator=gen).to(device, dtype)
-    clip_fea = y = None
-    if model.model_type == "i2v":
-        clip_fea = torch.randn(1, 257, model.clip_dim, generator=gen).to(device, dtype)
-        y = torch.zeros(1, model.in_dim - model.out_dim, latent_frames, *latent_size, device=device)
-        y[:, :4, 0] = 1  # the reference-frame mask; the reference latent itself stays zero in this demo
+
+def synthetic_inputs(cfg: InferenceConfig, seed: int) -> ClipInputs:
+    """A clip of the synthetic pose world (figure video frame as the reference, its drawn pose)."""
+    from utils.synthetic_pose import generate_sample, load_world_config
+
+    clip = cfg.synthetic
+    sample = generate_sample(load_world_config(height=clip.height, width=clip.width, num_frames=clip.num_frames), seed)
+    log.info("no --ref / --pose: a synthetic %dx%d clip of %d frames (%s)", clip.height, clip.width,
+             clip.num_frames, sample.prompt)  # fmt: skip
+    return ClipInputs(sample.ref_image, sample.pose, sample.ref_pose, cfg.prompt)
+
+
+def check_inputs(inputs: ClipInputs, args: argparse.Namespace, num_frames: int | None) -> int:
+    """Validate sizes and lengths before any network is loaded; returns the number of video frames."""
+    ref = to_image_tensor(inputs.ref)
+    pose = to_pose_tensor(inputs.pose[:1])  # one frame: sizes only
+    flag = "--driving" if args.driving is not None else "--pose"
+    pose_source = args.pose or args.driving or "(synthetic clip)"
+    have = inputs.pose.shape[0]
+    if num_frames is None:
+        num_frames = (have - 1) // 4 * 4 + 1
+    if (num_frames - 1) % 4 or num_frames < 1:
+        raise InputError(f"--num-frames {num_frames} is not 1 + 4k: use {(num_frames - 1) // 4 * 4 + 1} or "
+                         f"{(num_frames - 1) // 4 * 4 + 5}")  # fmt: skip
+    if have < num_frames:
+        raise InputError(f"{flag} {pose_source} has {have} frames but --num-frames is {num_frames}: give a longer "
+                         f"pose clip or ask for at most {(have - 1) // 4 * 4 + 1} frames")  # fmt: skip
+    try:
+        check_clip_inputs(ref, pose, 1)
+    except ValueError as e:
+        raise InputError(f"--ref {args.ref or '(synthetic clip)'} / {flag} {pose_source}: {e}") from e
+    return num_frames
+
+
+def to_image_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> [1, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def to_pose_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 pose frames [F, H, W, 3] -> [1, 3, F, H, W] in 0..255, float; one image [H, W, 3] -> [1, 3, H, W]."""
+    x = torch.from_numpy(np.array(frames)).float()
+    return x.permute(2, 0, 1)[None] if x.dim() == 3 else x.permute(3, 0, 1, 2)[None]
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """[1, 3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3]."""
+    return ((video[0].float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_network(cfg: InferenceConfig, device: torch.device, dtype: torch.dtype) -> WanModel:
+    overrides = {k: getattr(cfg, k) for k in ("local_attn_size", "sink_size") if getattr(cfg, k) is not None}
+    return build_model(cfg.preset, device=device, dtype=dtype, **overrides)
+
+
+def required_files(cfg: InferenceConfig, paths: dict[str, Path], models_dir: Path) -> dict[str, Path]:
+    """Every file the configured networks load, checked before anything is read or built."""
+    files = {"weights": require_file(paths, "weights", f"the {cfg.preset} checkpoint", models_dir)}
+    needed = [("t5", "text encoder"), ("t5_tokenizer", "text tokenizer"), ("vae", "VAE")]
+    if PRESETS[cfg.preset]["model_type"] == "i2v":
+        needed.append(("clip", "image encoder of the i2v model"))
+    if "pose_weights" in paths:
+        needed.append(("pose_weights", "pose encoders"))
+    files.update({key: require_file(paths, key, why, models_dir) for key, why in needed})
+    return files
+
+
+def load_networks(cfg: InferenceConfig, files: dict[str, Path], text_cache: Path, device, dtype):
+    """(model, vae, text encoder, image encoder) from the checkpoint files (see required_files)."""
+    model = build_network(cfg, device, dtype)
+    # Pose encoders may be absent from the checkpoint only when --pose-weights supplies them.
+    fresh = [f"{prefix}*" for prefix in POSE_PREFIXES] if "pose_weights" in files else []
+    try:
+        report = load_weights(model, files["weights"], allow_fresh=fresh, ema=cfg.ema)
+    except CheckpointKeyError:
+        raise
+    except (ValueError, OSError, RuntimeError) as e:  # not a checkpoint at all (format, corrupt file)
+        raise InputError(f"--weights {files['weights']}: {str(e).splitlines()[0]}") from e
+    if any(key.startswith(POSE_PREFIXES) for key in report.fresh_init):
+        load_pose_weights(model, files["pose_weights"])
+    vae = WanVAE(files["vae"], device=device, dtype=dtype)
+    text_encoder = CachedTextEncoder(text_cache, files["t5"], files["t5_tokenizer"], device=device, dtype=dtype,
+                                     text_len=model.text_len)  # fmt: skip
+    image_encoder = ImageEncoder(files["clip"], device=device, dtype=dtype) if "clip" in files else None
+    return model.eval().requires_grad_(False), vae, text_encoder, image_encoder
+
+
+def random_networks(cfg: InferenceConfig, folder: Path, device, dtype, seed: int = 0):
+    """The network and tiny VAE / T5 / CLIP (the test suite's tiny configs, sized to the network's inputs) with
+    random weights from `seed`, built in memory, saved to `folder` and loaded through the same loaders as real
+    weights."""
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPVisionModel, UMT5EncoderModel
+
+    from utils.tiny_assets import TINY_VAE_CONFIG, make_tokenizer, tiny_clip_config, tiny_umt5_config
+
+    torch.manual_seed(seed)
+    model = build_network(cfg, device, dtype)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        pose_tokens, ref_map = model.encode_pose(pose, ref_pose=pose[:, :, 0])
-    if y is not None:
-        y = y + ref_map.float()
-    cond = Conditions(context=context, clip_fea=clip_fea, y=y, pose_tokens=pose_tokens)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * RANDOM_STD)
+    t5_config = tiny_umt5_config()
+    t5_config.d_model = model.text_dim
+    UMT5EncoderModel(t5_config).save_pretrained(folder / "text_encoder")
+    make_tokenizer(folder / "tokenizer")
+    text_encoder = CachedTextEncoder(folder / "text_cache", folder / "text_encoder", folder / "tokenizer",
+                                     device=device, dtype=dtype, text_len=model.text_len)  # fmt: skip
+    AutoencoderKLWan(**TINY_VAE_CONFIG).save_pretrained(folder / "vae")  # random weights from the seed above
+    vae = WanVAE(folder / "vae", device=device, dtype=dtype)
+    image_encoder = None
+    if model.model_type == "i2v":
+        clip_config = tiny_clip_config()
+        clip_config.hidden_size = model.clip_dim
+        CLIPVisionModel(clip_config).save_pretrained(folder / "image_encoder")
+        image_encoder = ImageEncoder(folder / "image_encoder", device=device, dtype=dtype)
+    return model.eval().requires_grad_(False), vae, text_encoder, image_encoder
 
-    log.info("streaming %d latent frames (%d video frames) in blocks of %d, steps %s",
-             latent_frames, args.num_frames, model.num_frame_per_block, [round(t, 1) for t in DEFAULT_STEPS])  # fmt: skip
-    blocks, times = [], []
-    start_time = time.perf_counter()
-    stream = stream_latents(model, cond, latent_frames, latent_size, generator=gen.manual_seed(args.seed), dtype=dtype)
-    for _, latents in tqdm(stream, total=-(-latent_frames // model.num_frame_per_block), desc="blocks", unit="block"):
-        blocks.append(latents.cpu())
-        times.append(time.perf_counter() - start_time)
-    video_latents = torch.cat(blocks, dim=2)
-    atomic_save_safetensors({"latents": video_latents.float().contiguous()}, args.out)
-    log.info("first block after %.3f s, all %d blocks in %.3f s; latents %s written to %s",
-             times[0], len(blocks), times[-1], tuple(video_latents.shape), args.out)  # fmt: skip
+
+def make_pipeline(cfg: InferenceConfig, model: WanModel, vae, text_encoder, image_encoder) -> PosePipeline:
+    """The streaming student for causal networks, the teacher sampler for bidirectional ones."""
+    if isinstance(model, CausalWanModel):
+        return StreamingPosePipeline(model, vae, text_encoder, image_encoder, cfg.denoising_steps,
+                                     cfg.guidance_scale, cfg.negative_prompt)  # fmt: skip
+    return TeacherPosePipeline(model, vae, text_encoder, image_encoder, cfg.num_steps, cfg.shift,
+                               cfg.guidance_scale, cfg.negative_prompt, progress=True)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    """Generate the clip and write it; returns the timings (seconds) and FPS."""
+    cfg = load_config(args)
+    for flag, path in (("--out", args.out), ("--preview", args.preview)):
+        if path is not None and path.suffix.lower() != ".mp4":
+            raise InputError(f"{flag} {path}: the output is an mp4 video; give a path ending in .mp4")
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if cfg.preset not in PRESETS:
+        raise InputError(f"preset {cfg.preset!r} (--preset or the config) is unknown; presets: {sorted(PRESETS)}")
+    paths = resolve_paths(cfg, args)
+    if cfg.random_weights and "weights" in paths:
+        raise InputError("random_weights is set (the demo config): drop --weights, or pick a config for real weights")
+    files = {} if cfg.random_weights else required_files(cfg, paths, args.models_dir)  # before any loading
+    inputs = load_inputs(args, cfg, paths)
+    num_frames = check_inputs(inputs, args, cfg.num_frames)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="poseforcing-random-") as scratch:
+        if cfg.random_weights:
+            log.warning("random_weights: the %s network, VAE, text and image encoders have RANDOM weights; the "
+                        "output is noise, not a video", cfg.preset)  # fmt: skip
+            networks = random_networks(cfg, Path(scratch), device, dtype)
+        else:
+            networks = load_networks(cfg, files, paths["text_cache"], device, dtype)
+        pipeline = make_pipeline(cfg, *networks)
+        load_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        ref_pose = None if inputs.ref_pose is None else to_pose_tensor(inputs.ref_pose)
+        clip = pipeline.prepare(to_image_tensor(inputs.ref), to_pose_tensor(inputs.pose[:num_frames]), inputs.prompt,
+                                num_frames, ref_pose)  # fmt: skip
+        prepare_s = time.perf_counter() - start
+
+        num_blocks = 1
+        if isinstance(pipeline, StreamingPosePipeline):
+            num_blocks = -(-clip.latent_frames // pipeline.model.num_frame_per_block)
+        log.info("%s: %d frames at %dx%d, %d block(s), seed %d, guidance %.2f", cfg.preset, num_frames,
+                 *inputs.ref.shape[:2], num_blocks, args.seed, cfg.guidance_scale)  # fmt: skip
+        frames, block_times = [], []
+        start = time.perf_counter()
+        for block in tqdm(pipeline.stream(clip, args.seed), total=num_blocks, desc="blocks", unit="block"):
+            frames.append(to_uint8_frames(block.frames))  # copies to the host: the block is really done
+            block_times.append(time.perf_counter() - start)
+    video = np.concatenate(frames)
+    if args.preview:
+        write_video(args.preview, np.concatenate([inputs.pose[:num_frames], video], axis=2), cfg.fps)
+    write_video(args.out, video, cfg.fps)
+    stats = {
+        "load_s": load_s, "conditioning_s": prepare_s, "first_block_s": block_times[0],
+        "generation_s": block_times[-1], "fps": len(video) / block_times[-1],
+    }  # fmt: skip
+    log.info("wrote %s (%d frames, %dx%d, %g fps)%s", args.out, len(video), video.shape[1], video.shape[2], cfg.fps,
+             f" and {args.preview}" if args.preview else "")  # fmt: skip
+    log.info("generation %.3f s for %d frames = %.1f FPS (diffusion + VAE decode); first block after %.3f s; "
+             "conditioning %.3f s; loading %.1f s", stats["generation_s"], len(video), stats["fps"],
+             stats["first_block_s"], prepare_s, load_s)  # fmt: skip
+    return stats
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except InputError as e:
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+    except (CheckpointKeyError, DWPoseUnavailable, VideoReadError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

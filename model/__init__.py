@@ -1,0 +1,14 @@
+"""Training objectives, one file each; REGISTRY maps a config's `stage:` to its class."""
+
+from __future__ import annotations
+
+from model.diffusion import PoseFinetune
+from model.dmd import DMD, SelfForcing
+from model.gan import SelfForcingGAN
+from model.ode_regression import ODERegression
+from model.sid import SiD
+from trainer.objective import Objective
+
+REGISTRY: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (ODERegression, PoseFinetune, DMD, SiD, SelfForcing, SelfForcingGAN)
+}

@@ -1,21 +1,41 @@
-"""Streaming generation with the causal student: block by block through the KV cache, a few denoising
-steps per block (re-noising the x0 prediction between steps), then one clean pass at t = 0 that writes the
-block's K/V for the blocks after it. Latent space only here; encoders and the streaming VAE wrap it.
+"""Streaming pose-conditioned generation with the causal student: reference image + pose frames + prompt ->
+video frames, block by block.
+
+Per clip, once: the reference is VAE-encoded (fp32) into `y` (mask + latents of [reference, zeros...]), CLIP
+sees the reference, the prompt goes through the (cached) text encoder, and `model.encode_pose` turns the whole
+pose clip into pose tokens and the reference-pose map (added to `y`). Per block of latent frames: a few
+denoising steps through the KV cache (re-noising the x0 prediction between steps), one clean pass at t = 0 that
+writes the block's K/V for the blocks after it, and the block's latents go straight to the streaming VAE.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from utils.scheduler import add_noise, flow_to_x0, warp_timesteps
 from wan.modules.causal_model import CausalWanModel
-from wan.modules.pose import pose_tokens_for_frames
+from wan.modules.model import WanModel
+from wan.modules.pose import pose_latent_frames, pose_tokens_for_frames
+
+if TYPE_CHECKING:  # the VAE wrapper pulls in diffusers; the latent-only path does not need it
+    from utils.wan_wrapper import WanVAE
 
 # Self-Forcing's 4-step list [1000, 750, 500, 250] on the shift-5 grid.
 DEFAULT_STEPS = tuple(warp_timesteps([1000, 750, 500, 250], shift=5.0))
+# Wan2.1's default negative prompt (the unconditional branch of CFG).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+VAE_STRIDE = (4, 8, 8)  # temporal, height, width: 1 + 4k frames -> k + 1 latent frames, H/8 x W/8
+
+TextEncoderFn = Callable[[Sequence[str]], torch.Tensor]  # prompts -> [B, text_len, text_dim]
+ImageEncoderFn = Callable[[torch.Tensor], torch.Tensor]  # [B, 3, H, W] in [-1, 1] -> [B, 257, clip_dim]
 
 
 @dataclass
@@ -32,6 +52,212 @@ class Conditions:
     pose_tokens: torch.Tensor | None = None
 
 
+@dataclass
+class PreparedClip:
+    """Everything sampling needs for one clip: the conditional branch, the unconditional one (CFG only), and
+    the clip's size in video frames and latent pixels."""
+
+    cond: Conditions
+    uncond: Conditions | None
+    num_frames: int
+    latent_size: tuple[int, int]
+
+    @property
+    def latent_frames(self) -> int:
+        return pose_latent_frames(self.num_frames)
+
+
+@dataclass
+class VideoBlock:
+    """One block as it leaves the pipeline: latent frames [latent_start, latent_start + n) and the video frames
+    decoded from them, frames [B, 3, m, H, W] in [-1, 1] starting at video frame `frame_start`
+    (m = 4n, or 4n - 3 for the block holding latent frame 0)."""
+
+    latent_start: int
+    latents: torch.Tensor
+    frame_start: int
+    frames: torch.Tensor
+
+
+def guided_flow(cond_flow: torch.Tensor, uncond_flow: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance, the convention everywhere in the repo: u + w (c - u), in fp32."""
+    uncond_flow = uncond_flow.float()
+    return uncond_flow + scale * (cond_flow.float() - uncond_flow)
+
+
+def image_condition(vae: WanVAE, ref_image: torch.Tensor, num_frames: int, y_channels: int) -> torch.Tensor:
+    """The i2v input `y`: a mask marking latent frame 0 as given, then the latents of [reference, zeros...].
+
+    ref_image [B, 3, H, W] in [-1, 1] -> y [B, y_channels, F_lat, H/8, W/8] fp32 (VAE encode runs in fp32).
+    The mask has y_channels - 16 = 4 channels: the 4 video frames each latent frame stands for (the first
+    latent frame is the reference frame repeated, as in Wan2.1 I2V).
+    """
+    b, _, h, w = ref_image.shape
+    video = torch.zeros(b, 3, num_frames, h, w, device=ref_image.device)
+    video[:, :, 0] = ref_image.float()  # [B, 3, F, H, W]: the reference, then black frames
+    latents = vae.encode(video)  # [B, 16, F_lat, H/8, W/8]
+    mask_channels = y_channels - latents.shape[1]
+    if mask_channels != VAE_STRIDE[0]:
+        raise ValueError(
+            f"the model takes {y_channels} y channels; the VAE gives {latents.shape[1]} latent channels, leaving "
+            f"{mask_channels} for the mask where Wan's I2V layout has {VAE_STRIDE[0]}"
+        )
+    mask = torch.zeros(b, mask_channels, *latents.shape[2:], device=latents.device)
+    mask[:, :, 0] = 1.0
+    return torch.cat([mask, latents], dim=1)
+
+
+def check_clip_inputs(ref_image: torch.Tensor, pose_frames: torch.Tensor, num_frames: int) -> None:
+    """Shapes of a clip's inputs, with errors that say what to change."""
+    if ref_image.dim() != 4 or ref_image.shape[1] != 3:
+        raise ValueError(f"the reference image must be [B, 3, H, W] in [-1, 1]; got shape {tuple(ref_image.shape)}")
+    height, width = ref_image.shape[-2:]
+    if height % 16 or width % 16:
+        raise ValueError(
+            f"the reference image is {height}x{width} (HxW); height and width must be multiples of 16 "
+            f"(VAE stride 8 x patch 2): resize or crop it, e.g. to {height // 16 * 16}x{width // 16 * 16}"
+        )
+    if pose_frames.dim() != 5 or pose_frames.shape[1] != 3:
+        raise ValueError(f"pose frames must be [B, 3, F, H, W] in 0..255; got shape {tuple(pose_frames.shape)}")
+    if tuple(pose_frames.shape[-2:]) != (height, width):
+        raise ValueError(
+            f"the pose frames are {pose_frames.shape[-2]}x{pose_frames.shape[-1]} (HxW) but the reference image is "
+            f"{height}x{width}: give pose frames at the reference's size (keypoints are drawn at any size)"
+        )
+    pose_latent_frames(num_frames)
+    if pose_frames.shape[2] < num_frames:
+        have = pose_frames.shape[2]
+        raise ValueError(
+            f"the pose clip has {have} frames but {num_frames} video frames were asked for: give a longer pose "
+            f"clip or ask for at most {(have - 1) // 4 * 4 + 1} frames (1 + 4k)"
+        )
+
+
+class PosePipeline:
+    """Reference image + pose frames + prompt -> video, for any network with the pose-conditioned i2v inputs.
+
+    `prepare` computes the clip's conditioning once; `stream` yields VideoBlocks as soon as each block's frames
+    are decoded (the streaming VAE keeps its causal cache across blocks); `generate` returns the whole video
+    from one VAE decode of all latents (the reference the streamed frames must equal). Subclasses say how the
+    latents are sampled (`latent_blocks`). CFG (guidance_scale != 1) adds an unconditional branch: the negative
+    prompt, the same CLIP features and `y` (reference-pose map included, as UniAnimate-DiT does) and no pose
+    tokens.
+    """
+
+    def __init__(
+        self,
+        model: WanModel,
+        vae: WanVAE,
+        text_encoder: TextEncoderFn,
+        image_encoder: ImageEncoderFn | None,
+        guidance_scale: float = 1.0,
+        negative_prompt: str = WAN_NEGATIVE_PROMPT,
+    ):
+        if model.model_type == "i2v" and image_encoder is None:
+            raise ValueError("an i2v model needs an image encoder (CLIP) for the reference image")
+        self.model, self.vae = model, vae
+        self.text_encoder, self.image_encoder = text_encoder, image_encoder
+        self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @torch.no_grad()
+    def prepare(
+        self,
+        ref_image: torch.Tensor,
+        pose_frames: torch.Tensor,
+        prompt: str | Sequence[str],
+        num_frames: int | None = None,
+        ref_pose: torch.Tensor | None = None,
+    ) -> PreparedClip:
+        """The clip's conditioning, computed once.
+
+        ref_image [B, 3, H, W] in [-1, 1]; pose_frames [B, 3, F_pose, H, W] in 0..255 (the first num_frames are
+        used; default: the longest 1 + 4k prefix); ref_pose [B, 3, H, W] in 0..255 or None (pose-only input: the
+        reference-pose map stays zero); prompt: one string or one per batch element.
+        """
+        device = self.device
+        if num_frames is None:
+            num_frames = (pose_frames.shape[2] - 1) // VAE_STRIDE[0] * VAE_STRIDE[0] + 1
+        check_clip_inputs(ref_image, pose_frames, num_frames)
+        batch, (height, width) = ref_image.shape[0], ref_image.shape[-2:]
+        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+        ref_image = ref_image.to(device)
+        context = self.text_encoder(prompts).to(device)  # [B, text_len, text_dim]
+        clip_fea = y = None
+        if self.model.model_type == "i2v":
+            clip_fea = self.image_encoder(ref_image)  # [B, 257, clip_dim]
+            y = image_condition(self.vae, ref_image, num_frames, self.model.in_dim - self.model.out_dim)
+        pose_tokens = None
+        if self.model.pose_dim is not None:
+            pose = pose_frames[:, :, :num_frames].to(device)
+            pose_tokens, ref_map = self.model.encode_pose(pose, None if ref_pose is None else ref_pose.to(device))
+            if ref_map is not None and y is not None:
+                y = y + ref_map.float()  # [B, C_y, F_lat, h, w] + [B, C_y, 1, h, w]
+        cond = Conditions(context, clip_fea, y, pose_tokens)
+        uncond = None
+        if self.guidance_scale != 1.0:
+            negative = self.text_encoder([self.negative_prompt] * batch).to(device)
+            uncond = Conditions(negative, clip_fea, y, None)
+        latent_size = (height // VAE_STRIDE[1], width // VAE_STRIDE[2])
+        return PreparedClip(cond, uncond, num_frames, latent_size)
+
+    def latent_blocks(self, clip: PreparedClip, generator: torch.Generator) -> Iterator[tuple[int, torch.Tensor]]:
+        """(latent start frame, clean latents [B, 16, n, h, w]) in order, covering the clip."""
+        raise NotImplementedError
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    @torch.no_grad()
+    def stream(self, clip: PreparedClip, seed: int = 0) -> Iterator[VideoBlock]:
+        """Yield each block's decoded frames as soon as they exist; deterministic for a seed."""
+        decoder = self.vae.streaming_decoder()
+        frame_start = 0
+        for latent_start, latents in self.latent_blocks(clip, self._generator(seed)):
+            frames = decoder.decode(latents)  # [B, 3, m, H, W]
+            yield VideoBlock(latent_start, latents, frame_start, frames)
+            frame_start += frames.shape[2]
+
+    @torch.no_grad()
+    def generate(self, clip: PreparedClip, seed: int = 0) -> torch.Tensor:
+        """The whole video [B, 3, F, H, W] in [-1, 1] from one decode of all latents (same seed, same video as
+        the concatenated stream)."""
+        latents = torch.cat([x for _, x in self.latent_blocks(clip, self._generator(seed))], dim=2)
+        return self.vae.decode(latents)
+
+
+class StreamingPosePipeline(PosePipeline):
+    """The causal student: blocks of model.num_frame_per_block latent frames through the KV cache, `steps`
+    denoising steps each plus a clean context pass. Any number of frames streams through a fixed-size cache
+    when the model has a local attention window (local_attn_size)."""
+
+    def __init__(
+        self,
+        model: CausalWanModel,
+        vae: WanVAE,
+        text_encoder: TextEncoderFn,
+        image_encoder: ImageEncoderFn | None,
+        steps: Sequence[float] = DEFAULT_STEPS,
+        guidance_scale: float = 1.0,
+        negative_prompt: str = WAN_NEGATIVE_PROMPT,
+    ):
+        super().__init__(model, vae, text_encoder, image_encoder, guidance_scale, negative_prompt)
+        self.steps = tuple(float(t) for t in steps)
+
+    def latent_blocks(self, clip: PreparedClip, generator: torch.Generator) -> Iterator[tuple[int, torch.Tensor]]:
+        return stream_latents(
+            self.model, clip.cond, clip.latent_frames, clip.latent_size, self.steps, generator=generator,
+            dtype=self.dtype, uncond=clip.uncond, guidance_scale=self.guidance_scale,
+        )  # fmt: skip
+
+
 @torch.no_grad()
 def stream_latents(
     model: CausalWanModel,
@@ -42,33 +268,45 @@ def stream_latents(
     context_t: float = 0.0,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    uncond: Conditions | None = None,
+    guidance_scale: float = 1.0,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start_frame, clean latents [B, 16, n, H, W]) for each block as soon as it exists.
 
-    Deterministic for a seeded `generator`. With a local attention window any num_frames streams through a
-    fixed-size cache.
+    num_frames and latent_size are in latent frames and latent pixels. Deterministic for a seeded `generator`.
+    With `uncond` and guidance_scale != 1 each step is guided (u + w (c - u)); the unconditional branch has its
+    own KV cache. With a local attention window any num_frames streams through a fixed-size cache.
     """
     batch, device = cond.context.shape[0], cond.context.device
     height, width = latent_size
     n = model.num_frame_per_block
     tokens_per_frame = (height // model.patch_size[1]) * (width // model.patch_size[2])
-    cache = model.new_kv_cache(batch, num_frames, dtype, device, latent_size=latent_size)
+    branches = [cond] if uncond is None or guidance_scale == 1.0 else [cond, uncond]
+    caches = [model.new_kv_cache(batch, num_frames, dtype, device, latent_size=latent_size) for _ in branches]
+
+    def forward(x: torch.Tensor, t: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """The flow of every branch for one block; each branch (over)writes the block's K/V in its own cache."""
+        frames = x.shape[2]
+        flows = []
+        for c, cache in zip(branches, caches, strict=True):
+            y = None if c.y is None else c.y[:, :, start : start + frames]
+            pose = None
+            if c.pose_tokens is not None:
+                pose = pose_tokens_for_frames(c.pose_tokens, start, frames, tokens_per_frame)
+            flows.append(model(x, t, c.context, c.clip_fea, y, pose, kv_cache=cache, current_start_frame=start))
+        return flows
+
     for start in range(0, num_frames, n):
         frames = min(n, num_frames - start)
-        sl = slice(start, start + frames)
-        y = None if cond.y is None else cond.y[:, :, sl]
-        pose = None
-        if cond.pose_tokens is not None:
-            pose = pose_tokens_for_frames(cond.pose_tokens, start, frames, tokens_per_frame)
         shape = (batch, model.out_dim, frames, height, width)
         x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
         for i, t in enumerate(steps):
             t_vec = torch.full((batch, frames), float(t), device=device)
-            flow = model(x, t_vec, cond.context, cond.clip_fea, y, pose, kv_cache=cache, current_start_frame=start)
-            x0 = flow_to_x0(flow.float(), x, t_vec)
+            flows = forward(x, t_vec, start)
+            flow = flows[0].float() if len(flows) == 1 else guided_flow(flows[0], flows[1], guidance_scale)
+            x0 = flow_to_x0(flow, x, t_vec)
             if i + 1 < len(steps):
                 noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
                 x = add_noise(x0, noise, torch.full_like(t_vec, float(steps[i + 1])))
-        t_ctx = torch.full((batch, frames), float(context_t), device=device)
-        model(x0, t_ctx, cond.context, cond.clip_fea, y, pose, kv_cache=cache, current_start_frame=start)
+        forward(x0, torch.full((batch, frames), float(context_t), device=device), start)  # clean K/V
         yield start, x0

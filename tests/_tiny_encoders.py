@@ -8,47 +8,17 @@ vae.py), independently of the key maps in utils/wan_wrapper.py, so a wrong map c
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPVisionConfig, PreTrainedTokenizerFast, UMT5Config
+from transformers import CLIPVisionConfig, UMT5Config
+
+from utils.tiny_assets import TINY_VAE_CONFIG, WORDS, make_tokenizer, tiny_clip_config, tiny_umt5_config  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------------
 # Text
 # ---------------------------------------------------------------------------------------------------------
-
-WORDS = "a person is dancing in the rain cat dog & < > quote on stage slowly".split()
-
-
-def make_tokenizer(folder: Path) -> Path:
-    """A word-level tokenizer with T5's special ids (pad 0, eos 1, unk 2), saved as a local HF folder."""
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    fast.save_pretrained(folder)
-    return folder
-
-
-def tiny_umt5_config() -> UMT5Config:
-    return UMT5Config(
-        vocab_size=len(WORDS) + 3,
-        d_model=16,
-        d_kv=4,
-        d_ff=24,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        layer_norm_epsilon=1e-6,
-    )
 
 
 def t5_official_state_dict(hf: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
@@ -62,9 +32,7 @@ def t5_official_state_dict(hf: dict[str, torch.Tensor], num_layers: int) -> dict
         out[f"blocks.{i}.norm1.weight"] = hf[attn + "layer_norm.weight"]
         for n in "qkvo":
             out[f"blocks.{i}.attn.{n}.weight"] = hf[attn + f"SelfAttention.{n}.weight"]
-        out[f"blocks.{i}.pos_embedding.embedding.weight"] = hf[
-            attn + "SelfAttention.relative_attention_bias.weight"
-        ]
+        out[f"blocks.{i}.pos_embedding.embedding.weight"] = hf[attn + "SelfAttention.relative_attention_bias.weight"]
         out[f"blocks.{i}.norm2.weight"] = hf[ffn + "layer_norm.weight"]
         out[f"blocks.{i}.ffn.gate.0.weight"] = hf[ffn + "DenseReluDense.wi_0.weight"]
         out[f"blocks.{i}.ffn.fc1.weight"] = hf[ffn + "DenseReluDense.wi_1.weight"]
@@ -80,8 +48,7 @@ def _t5_buckets(length: int, num_buckets: int, max_dist: int) -> torch.Tensor:
     rel = rel.abs()
     max_exact = half // 2
     large = (
-        max_exact
-        + (torch.log(rel.float() / max_exact) / math.log(max_dist / max_exact) * (half - max_exact)).long()
+        max_exact + (torch.log(rel.float() / max_exact) / math.log(max_dist / max_exact) * (half - max_exact)).long()
     )
     large = large.clamp(max=half - 1)
     return buckets + torch.where(rel < max_exact, rel, large)
@@ -120,19 +87,6 @@ def official_t5_forward(sd: dict[str, torch.Tensor], ids: torch.Tensor, mask: to
 # ---------------------------------------------------------------------------------------------------------
 
 
-def tiny_clip_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=28,
-        patch_size=14,
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-    )
-
-
 def clip_official_state_dict(hf: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """HF CLIPVisionModel weights -> the official XLMRobertaCLIP file layout (visual + a token text tower)."""
     dim = hf["embeddings.class_embedding"].shape[0]
@@ -154,25 +108,17 @@ def clip_official_state_dict(hf: dict[str, torch.Tensor], num_layers: int) -> di
         for kind in ("weight", "bias"):
             out[dst + f"norm1.{kind}"] = hf[src + f"layer_norm1.{kind}"]
             out[dst + f"norm2.{kind}"] = hf[src + f"layer_norm2.{kind}"]
-            out[dst + f"attn.to_qkv.{kind}"] = torch.cat(
-                [hf[src + f"self_attn.{n}_proj.{kind}"] for n in "qkv"]
-            )
+            out[dst + f"attn.to_qkv.{kind}"] = torch.cat([hf[src + f"self_attn.{n}_proj.{kind}"] for n in "qkv"])
             out[dst + f"attn.proj.{kind}"] = hf[src + f"self_attn.out_proj.{kind}"]
             out[dst + f"mlp.0.{kind}"] = hf[src + f"mlp.fc1.{kind}"]
             out[dst + f"mlp.2.{kind}"] = hf[src + f"mlp.fc2.{kind}"]
     return {k: v.clone().contiguous() for k, v in out.items()}
 
 
-def official_clip_visual(
-    sd: dict[str, torch.Tensor], pixels: torch.Tensor, cfg: CLIPVisionConfig
-) -> torch.Tensor:
+def official_clip_visual(sd: dict[str, torch.Tensor], pixels: torch.Tensor, cfg: CLIPVisionConfig) -> torch.Tensor:
     """The official VisionTransformer forward with use_31_block (all blocks but the last), official layout."""
     b, dim, heads = pixels.shape[0], cfg.hidden_size, cfg.num_attention_heads
-    x = (
-        F.conv2d(pixels, sd["visual.patch_embedding.weight"], stride=cfg.patch_size)
-        .flatten(2)
-        .transpose(1, 2)
-    )
+    x = F.conv2d(pixels, sd["visual.patch_embedding.weight"], stride=cfg.patch_size).flatten(2).transpose(1, 2)
     x = torch.cat([sd["visual.cls_embedding"].expand(b, -1, -1), x], dim=1) + sd["visual.pos_embedding"]
     x = F.layer_norm(x, (dim,), sd["visual.pre_norm.weight"], sd["visual.pre_norm.bias"], cfg.layer_norm_eps)
     for i in range(cfg.num_hidden_layers - 1):
@@ -181,9 +127,7 @@ def official_clip_visual(
         qkv = F.linear(h, sd[p + "attn.to_qkv.weight"], sd[p + "attn.to_qkv.bias"])
         q, k, v = qkv.view(b, -1, 3, heads, dim // heads).unbind(2)  # each [B, L, N, d]
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        x = x + F.linear(
-            attn.transpose(1, 2).reshape(b, -1, dim), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"]
-        )
+        x = x + F.linear(attn.transpose(1, 2).reshape(b, -1, dim), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
         h = F.layer_norm(x, (dim,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], cfg.layer_norm_eps)
         h = F.gelu(F.linear(h, sd[p + "mlp.0.weight"], sd[p + "mlp.0.bias"]))  # exact GELU
         x = x + F.linear(h, sd[p + "mlp.2.weight"], sd[p + "mlp.2.bias"])
@@ -216,16 +160,6 @@ def bicubic_resize_reference(image: np.ndarray, out_h: int, out_w: int, a: float
 # ---------------------------------------------------------------------------------------------------------
 # VAE
 # ---------------------------------------------------------------------------------------------------------
-
-TINY_VAE_CONFIG = {
-    "base_dim": 8,
-    "z_dim": 16,
-    "dim_mult": [1, 2, 4, 4],
-    "num_res_blocks": 2,
-    "attn_scales": [],
-    "temperal_downsample": [False, True, True],
-    "dropout": 0.0,
-}
 
 
 def vae_official_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:

@@ -1,7 +1,7 @@
 """Real checkpoints from WAN_MODELS_DIR (skipped without it): Wan2.1-T2V-1.3B loads strictly into the
 official preset and initialises the causal pose student; the UniAnimate pose encoders load lazily.
 
-Expected layout: $WAN_MODELS_DIR/Wan2.1-T2V-1.3B/, $WAN_MODELS_DIR/UniAnimate-Wan2.1-14B-Lora-12000.ckpt
+Expected layout: $WAN_MODELS_DIR/Wan2.1-T2V-1.3B/, $WAN_MODELS_DIR/UniAnimate-DiT/UniAnimate-Wan2.1-14B-Lora-12000.ckpt
 """
 
 import os
@@ -33,7 +33,7 @@ def test_t2v_1_3b_loads_strictly_and_initialises_the_student():
 
 
 def test_unianimate_pose_weights_load_lazily():
-    ckpt = _models_dir() / "UniAnimate-Wan2.1-14B-Lora-12000.ckpt"
+    ckpt = _models_dir() / "UniAnimate-DiT" / "UniAnimate-Wan2.1-14B-Lora-12000.ckpt"
     if not ckpt.exists():
         pytest.skip(f"{ckpt} is absent")
     model = build_model("wan_1.3b_causal_pose", dtype=torch.bfloat16, pose_weights_path=str(ckpt))

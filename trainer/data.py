@@ -82,7 +82,8 @@ class TensorFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return load_file(self.files[index])
+        sample = load_file(self.files[index])
+        return {k: v.float() if v.dtype == torch.uint8 else v for k, v in sample.items()}  # pose frames, 0..255
 
 
 def build_dataset(data_cfg: Any, generator_preset: str | None, seed: int) -> Dataset:
@@ -96,6 +97,10 @@ def build_dataset(data_cfg: Any, generator_preset: str | None, seed: int) -> Dat
     if data_cfg.type in ("ode_pairs", "latents"):
         if data_cfg.path is None:
             raise ValueError(f"data.type={data_cfg.type} needs data.path (a folder of samples)")
+        if data_cfg.type == "ode_pairs":  # checks the generation manifest, returns pose frames as float
+            from pipeline.ode_pairs import ODEPairDataset
+
+            return ODEPairDataset(data_cfg.path)
         return TensorFolderDataset(data_cfg.path)
     raise ValueError(f"data.type={data_cfg.type!r}: expected synthetic, ode_pairs or latents")
 

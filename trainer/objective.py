@@ -104,6 +104,11 @@ class Objective:
     def __init__(self, cfg: Any, roles: dict[str, nn.Module], ctx: TrainContext):
         self.cfg, self.roles, self.ctx = cfg, roles, ctx
 
+    @classmethod
+    def prepare_role(cls, name: str, module: nn.Module, cfg: Any = None) -> nn.Module:
+        """Hook between building a role's network and making its optimizer (e.g. heads on a discriminator)."""
+        return module
+
     def due(self, iteration: int) -> tuple[str, ...]:
         """Roles whose optimizer steps at this iteration (default: every trainable role, every iteration)."""
         return self.trainable_roles
@@ -112,12 +117,20 @@ class Objective:
         raise NotImplementedError
 
 
-def conditions(model: nn.Module, batch: dict[str, torch.Tensor], use_pose: bool = True, negative: bool = False) -> dict:
-    """The keyword conditioning of `model(x, t, **conditions)` from a batch: text (or the negative prompt),
-    CLIP and y for i2v models, pose tokens and the ref-pose map for pose models. use_pose=False is the
-    unconditional branch of CFG (no pose tokens, no ref-pose map)."""
-    context = batch["neg_context"] if negative else batch["context"]
-    out: dict[str, torch.Tensor | None] = {"context": context, "clip_fea": None, "y": None, "add_condition": None}
+def conditions(model: nn.Module, batch: dict[str, torch.Tensor], use_pose: bool = True) -> dict:
+    """The keyword conditioning of `model(x, t, **conditions)` from a batch: text, CLIP and y for i2v models,
+    pose tokens and the ref-pose map for pose models.
+
+    use_pose=False drops both pose inputs (tokens and ref-pose map): UniAnimate's training-time condition
+    dropout. CFG's unconditional branch is different on purpose and built in one place,
+    pipeline.ode_pairs.cfg_conditions: negative prompt, no pose tokens, ref-pose map kept (UniAnimate samples so).
+    """
+    out: dict[str, torch.Tensor | None] = {
+        "context": batch["context"],
+        "clip_fea": None,
+        "y": None,
+        "add_condition": None,
+    }
     ref_map = None
     if use_pose and getattr(model, "pose_dim", None) is not None and "pose" in batch:
         out["add_condition"], ref_map = model.encode_pose(batch["pose"], batch.get("ref_pose"))

@@ -81,7 +81,8 @@ def build_role(name: str, role_cfg: Any, cfg: Any, dist: DistInfo, trainable: bo
     if role_cfg.pose_weights_path is not None and pose_missing:
         load_pose_weights(model, role_cfg.pose_weights_path)
     model.requires_grad_(trainable).train(trainable)
-    model.gradient_checkpointing = bool(cfg.train.gradient_checkpointing and trainable)
+    # Every role: frozen ones too, since some objectives (SiD) backpropagate through the teacher and critic.
+    model.gradient_checkpointing = bool(cfg.train.gradient_checkpointing)
     if mode == "fsdp":
         shard_fsdp2(model, bf16)
     return model

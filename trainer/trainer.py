@@ -18,17 +18,19 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from trainer.checkpoint import CheckpointManager
 from trainer.data import build_dataset, global_indices, local_batch
 from trainer.ema import EMA
 from trainer.objective import Objective, TrainContext
-from trainer.roles import DTYPES, build_role, parallel_mode, replicated_params
+from trainer.roles import DTYPES, build_role, parallel_mode
 from utils.config import ConfigError, save_config
 from utils.dist import all_reduce_mean, average_gradients, barrier, init_distributed
 from utils.safetensors_io import atomic_save_safetensors
 from wan.configs import model_config
+from wan.modules.model import WanModel
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.trainable = objective_cls.trainable_roles
         self.roles = {
-            name: build_role(name, cfg.roles[name], cfg, self.dist, name in self.trainable)
+            name: objective_cls.prepare_role(
+                name, build_role(name, cfg.roles[name], cfg, self.dist, name in self.trainable), cfg.objective
+            )
             for name in objective_cls.required_roles
         }
         self.optimizers = {}
@@ -152,8 +156,9 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
             sums: dict[str, torch.Tensor] = {}
             for micro in range(cfg.train.grad_accum):
-                batch, positions = self._micro_batch(iteration, micro)
-                self.ctx.begin_step(iteration * cfg.train.grad_accum + micro, positions)
+                draw = 0 if cfg.train.overfit else iteration  # overfit: one fixed batch and one set of draws
+                batch, positions = self._micro_batch(draw, micro)
+                self.ctx.begin_step(draw * cfg.train.grad_accum + micro, positions)
                 out = self.objective.train_step(batch, iteration, due)
                 missing = [r for r in due if r not in out.losses]
                 if missing:
@@ -178,8 +183,8 @@ class Trainer:
                 params = [p for p in model.parameters() if p.requires_grad]
                 if self.mode == "ddp":
                     average_gradients(params)
-                elif self.mode == "fsdp":
-                    average_gradients([p for p in replicated_params(model) if p.requires_grad])
+                elif self.mode == "fsdp":  # FSDP2 reduces its sharded params; the rest (pose encoders, heads) here
+                    average_gradients([p for p in params if not isinstance(p, DTensor)])
                 logs[f"grad_norm/{role}"] = float(clip_grad_norm(params, cfg.train.grad_clip))
                 self.optimizers[role].step()
                 if role in self.emas:
@@ -218,7 +223,10 @@ class Trainer:
         metadata (wan.checkpoint.load_model rebuilds them)."""
         for name in self.trainable:
             model = self.roles[name]
-            metadata = {"format": "poseforcing", "config": json.dumps(model_config(model)), "stage": self.cfg.stage}
+            if isinstance(model, WanModel):  # rebuildable with wan.checkpoint.load_model
+                metadata = {"format": "poseforcing", "config": json.dumps(model_config(model)), "stage": self.cfg.stage}
+            else:  # an objective's wrapper (e.g. the GAN discriminator: backbone + heads)
+                metadata = {"format": "poseforcing-aux", "class": type(model).__name__, "stage": self.cfg.stage}
             tensors = {k: _full_tensor(v).detach().cpu() for k, v in model.state_dict().items()}
             shadows = {}
             if name in self.emas:

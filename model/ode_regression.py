@@ -1,0 +1,60 @@
+"""ODE init: regress the causal student's one-step x0 prediction onto the clean end of teacher ODE trajectories,
+each block at its own randomly chosen trajectory state, in one block-causal forward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer.objective import Objective, StepOutput, TrainContext, conditions
+from utils.scheduler import flow_to_x0
+from wan.modules.causal_model import CausalWanModel
+
+
+def gather_states(
+    ode_latents: torch.Tensor, ode_t: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frame f, the state ode_latents[:, index[:, f], :, f] and its t.
+
+    ode_latents [B, S, C, F, H, W], ode_t [B, S], index [B, F] (long) -> x_t [B, C, F, H, W], t [B, F].
+    """
+    b, _, c, f, h, w = ode_latents.shape
+    frames_first = ode_latents.permute(0, 3, 1, 2, 4, 5)  # [B, F, S, C, H, W]
+    pick = index.view(b, f, 1, 1, 1, 1).expand(b, f, 1, c, h, w)
+    x_t = frames_first.gather(2, pick).squeeze(2).permute(0, 2, 1, 3, 4)  # [B, F, C, H, W] -> [B, C, F, H, W]
+    return x_t, ode_t.gather(1, index)
+
+
+class ODERegression(Objective):
+    """Batch: ode_latents [B, S, 16, F, H, W] (the last state clean), ode_t [B, S], and the conditioning."""
+
+    name = "ode_init"
+    required_roles = ("generator",)
+    trainable_roles = ("generator",)
+    defaults: dict[str, Any] = {}
+
+    def __init__(self, cfg: Any, roles: dict, ctx: TrainContext):
+        super().__init__(cfg, roles, ctx)
+        if not isinstance(roles["generator"], CausalWanModel):
+            raise TypeError("ode_init trains the causal student: roles.generator must be a causal preset")
+
+    def train_step(self, batch: dict[str, torch.Tensor], iteration: int, due: tuple[str, ...]) -> StepOutput:
+        if "ode_latents" not in batch or "ode_t" not in batch:
+            raise ValueError("ode_init needs ode_latents and ode_t in the batch (data.type=ode_pairs)")
+        model = self.roles["generator"]
+        states, ode_t = batch["ode_latents"], batch["ode_t"]
+        b, s, _, num_frames = states.shape[:4]
+        if s < 2:
+            raise ValueError(f"ode_latents holds {s} state(s); it needs at least one noisy state and the clean end")
+        n = model.num_frame_per_block
+        blocks = -(-num_frames // n)
+        # One state per block and sample among the noisy ones (the clean end, t = 0, has nothing to learn).
+        index = (self.ctx.rand(b, blocks) * (s - 1)).long().clamp(max=s - 2)  # [B, blocks]
+        index = index.repeat_interleave(n, dim=1)[:, :num_frames].to(states.device)  # [B, F]
+        x_t, t = gather_states(states, ode_t, index)
+        flow = model(x_t, t, **conditions(model, batch))  # block-causal full-sequence forward
+        x0 = flow_to_x0(flow.float(), x_t.float(), t)
+        loss = F.mse_loss(x0, states[:, -1].float())
+        return StepOutput({"generator": loss}, {"t_mean": t.float().mean()})

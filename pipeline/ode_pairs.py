@@ -1,0 +1,322 @@
+"""ODE pairs for the student's ODE-regression init: teacher trajectories (pose + CFG) captured at the student's
+timesteps, the on-disk format, a Dataset that reads it, and the resumable, rank-sharded generation loop.
+
+Format: a folder with `manifest.json` (the generation settings) and one `<index:08d>.safetensors` per sample:
+  ode_latents [S, 16, F, H, W]  float32, the states nearest the student's timesteps, then the clean end (S-1 + 1)
+  ode_t       [S]               float64, the exact t of every state (the solver grid's, not the student's; last 0)
+  context, neg_context, clip_fea, y, pose, ref_pose   the sample's conditioning in the batch layout
+                                 (pose frames stored as uint8 when they are whole numbers in 0..255)
+Two variants: `teacher_trajectory` (the bidirectional teacher denoises the whole clip) and `causal_trajectory`
+(a causal model generates block k from its own cached clean blocks < k, the fix for jumps between blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import Dataset
+
+from pipeline.causal_diffusion_inference import DEFAULT_STEPS, guided_flow
+from pipeline.self_forcing_rollout import block_conditions, latent_shape
+from trainer.objective import conditions
+from utils.dist import barrier
+from utils.safetensors_io import atomic_save_safetensors, atomic_write_text, load_file
+from utils.scheduler import add_noise, flow_to_noise, flow_to_x0, make_unipc_scheduler, unipc_grid
+from wan.modules.causal_model import CausalWanModel, KVCache
+from wan.modules.model import WanModel
+
+log = logging.getLogger(__name__)
+
+FORMAT = "poseforcing-ode-pairs"
+MANIFEST = "manifest.json"
+COND_KEYS = ("context", "neg_context", "clip_fea", "y", "pose", "ref_pose")
+UINT8_KEYS = ("pose", "ref_pose")
+SOLVERS = ("unipc", "euler")
+
+# flow_fn(x [B, C, F, H, W], t [B]) -> flow: one guided network evaluation.
+FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ODEPairSettings:
+    """How the trajectories were made; saved in the manifest, and a resumed run must match it."""
+
+    num_steps: int = 50
+    shift: float = 5.0
+    guidance: float = 1.5  # CFG u + w (c - u); the UniAnimate teacher samples at 1.5
+    solver: str = "unipc"
+    student_steps: tuple[float, ...] = field(default_factory=lambda: tuple(DEFAULT_STEPS))
+    causal: bool = False
+    seed: int = 0
+
+
+def cfg_conditions(model: WanModel, batch: dict[str, torch.Tensor], guidance: float) -> tuple[dict, dict | None]:
+    """(cond, uncond) model kwargs for cfg_flow, pose tokens computed once per clip. The unconditional branch
+    is the conditional one with the negative prompt and no pose tokens; CLIP and y (ref-pose map included)
+    stay, as UniAnimate-DiT samples and as PosePipeline does. guidance 1: no unconditional branch."""
+    cond = conditions(model, batch)
+    if guidance == 1.0:
+        return cond, None
+    if "neg_context" not in batch:
+        raise ValueError(f"guidance={guidance} needs batch['neg_context'] (the negative prompt's embeddings)")
+    return cond, {**cond, "context": batch["neg_context"], "add_condition": None}
+
+
+def cfg_flow(
+    model: WanModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict,
+    uncond: dict | None,
+    guidance: float,
+    caches: tuple[KVCache, KVCache | None] | None = None,
+    start: int = 0,
+) -> torch.Tensor:
+    """The guided flow u + w (c - u) (fp32) from cfg_conditions' kwargs; guidance 1 runs only the conditional
+    branch. caches: (cond, uncond) KV caches for a causal model's cached call at `start`, one per branch."""
+    cached = caches is not None
+    c = model(x, t, **cond, **({"kv_cache": caches[0], "current_start_frame": start} if cached else {}))
+    if guidance == 1.0:
+        return c.float()
+    if uncond is None:
+        raise ValueError(f"guidance={guidance} needs the unconditional branch: give the batch a neg_context")
+    u = model(x, t, **uncond, **({"kv_cache": caches[1], "current_start_frame": start} if cached else {}))
+    return guided_flow(c, u, guidance)
+
+
+def capture_indices(grid_t: torch.Tensor, targets: Sequence[float]) -> list[int]:
+    """For each student timestep, the index of the nearest solver-grid state (grid_t [N], decreasing)."""
+    indices = [int((grid_t - float(t)).abs().argmin()) for t in targets]
+    if any(b <= a for a, b in zip(indices, indices[1:], strict=False)):
+        raise ValueError(
+            f"student timesteps {list(targets)} map to grid states {indices} of a {len(grid_t)}-step teacher grid: "
+            "two share a state; use more teacher steps (num_steps)"
+        )
+    return indices
+
+
+def integrate(
+    flow_fn: FlowFn, x: torch.Tensor, settings: ODEPairSettings
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Solve the flow ODE from x (noise at the grid's first t) to t = 0 on the official shifted grid.
+
+    Returns (states at the student's timesteps, each [B, C, F, H, W], the clean end, their exact t [S] float64
+    including the final 0). UniPC: diffusers' solver, the network sees the grid's t truncated to int as in the
+    official sampler. Euler: x' = x + (sigma' - sigma) * flow, the network sees the float t.
+    """
+    if settings.solver not in SOLVERS:
+        raise ValueError(f"solver={settings.solver!r}: expected one of {SOLVERS}")
+    batch = x.shape[0]
+    _, grid_t = unipc_grid(settings.num_steps, settings.shift)
+    capture = capture_indices(grid_t, settings.student_steps)
+    exact_t = torch.cat([grid_t[capture], torch.zeros(1, dtype=torch.float64)])
+    states = []
+    scheduler = None
+    if settings.solver == "unipc":
+        scheduler = make_unipc_scheduler(settings.num_steps, settings.shift, x.device)
+    for i in range(settings.num_steps):
+        if i in capture:
+            states.append(x.clone())
+        if scheduler is not None:
+            net_t = scheduler.timesteps[i]
+            flow = flow_fn(x, net_t.float().expand(batch))
+            x = scheduler.step(flow.float(), net_t, x).prev_sample
+        else:
+            t = grid_t[i].float().expand(batch).to(x.device)
+            flow = flow_fn(x, t).float()
+            t_next = grid_t[i + 1] if i + 1 < settings.num_steps else torch.zeros((), dtype=torch.float64)
+            # x0 and eps of the straight path re-noised to the next t: exactly x + (sigma' - sigma) * flow
+            x = add_noise(flow_to_x0(flow, x, t), flow_to_noise(flow, x, t), t_next.float().expand(batch).to(x.device))
+    return states, x, exact_t
+
+
+@torch.no_grad()
+def teacher_trajectory(
+    teacher: WanModel, batch: dict[str, torch.Tensor], noise: torch.Tensor, settings: ODEPairSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bidirectional teacher denoises the whole clip with CFG. noise [B, 16, F, H, W] ->
+    (ode_latents [B, S, 16, F, H, W], ode_t [S])."""
+    cond, uncond = cfg_conditions(teacher, batch, settings.guidance)
+
+    def flow_fn(x, t):
+        return cfg_flow(teacher, x, t, cond, uncond, settings.guidance)
+
+    states, clean, exact_t = integrate(flow_fn, noise.float(), settings)
+    return torch.stack(states + [clean], dim=1), exact_t
+
+
+@torch.no_grad()
+def causal_trajectory(
+    model: CausalWanModel,
+    batch: dict[str, torch.Tensor],
+    noise: torch.Tensor,
+    settings: ODEPairSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal model generates block by block from its own cached clean blocks, solving each block's ODE on the
+    same grid; the captured states are assembled into whole-clip pairs. Same output as teacher_trajectory."""
+    if not isinstance(model, CausalWanModel):
+        raise TypeError(f"the causal variant needs a CausalWanModel, got {type(model).__name__}")
+    b, _, num_frames, height, width = noise.shape
+    n = model.num_frame_per_block
+    tokens_per_frame = (height // model.patch_size[1]) * (width // model.patch_size[2])
+    cond, uncond = cfg_conditions(model, batch, settings.guidance)
+    dtype = model.patch_embedding.weight.dtype  # K/V are cached in the network's compute dtype
+
+    def new_cache():
+        return model.new_kv_cache(b, num_frames, dtype, noise.device, latent_size=(height, width))
+
+    caches = (new_cache(), new_cache() if uncond is not None else None)
+    per_block, exact_t = [], None
+    for start in range(0, num_frames, n):
+        frames = min(n, num_frames - start)
+        block_cond = block_conditions(cond, start, frames, tokens_per_frame)
+        block_uncond = None if uncond is None else block_conditions(uncond, start, frames, tokens_per_frame)
+
+        def flow_fn(x, t, c=block_cond, u=block_uncond, s=start, f=frames):
+            return cfg_flow(model, x, t[:, None].expand(-1, f), c, u, settings.guidance, caches, s)
+
+        states, clean, exact_t = integrate(flow_fn, noise[:, :, start : start + frames].float(), settings)
+        per_block.append(torch.stack(states + [clean], dim=1))  # [B, S, C, frames, H, W]
+        t_ctx = torch.zeros(b, frames, device=noise.device)
+        model(clean, t_ctx, **block_cond, kv_cache=caches[0], current_start_frame=start)
+        if caches[1] is not None:
+            model(clean, t_ctx, **block_uncond, kv_cache=caches[1], current_start_frame=start)
+    return torch.cat(per_block, dim=3), exact_t
+
+
+# ----------------------------------------------------------------------------- on disk
+
+
+def _encode(key: str, value: torch.Tensor) -> torch.Tensor:
+    """Pose frames as uint8 when lossless (a 4x smaller file), everything else unchanged."""
+    if key in UINT8_KEYS and value.is_floating_point():
+        rounded = value.round()
+        if torch.equal(rounded, value) and value.min() >= 0 and value.max() <= 255:
+            return rounded.to(torch.uint8)
+    return value
+
+
+def sample_path(folder: str | Path, index: int) -> Path:
+    return Path(folder) / f"{index:08d}.safetensors"
+
+
+def write_sample(
+    path: str | Path, ode_latents: torch.Tensor, ode_t: torch.Tensor, cond: dict[str, torch.Tensor]
+) -> None:
+    """One sample (no batch dim): ode_latents [S, 16, F, H, W], ode_t [S], conditioning; written atomically."""
+    if ode_latents.dim() != 5 or ode_t.shape != (ode_latents.shape[0],):
+        raise ValueError(
+            f"ode_latents {tuple(ode_latents.shape)} and ode_t {tuple(ode_t.shape)} must be [S, C, F, H, W] and [S]"
+        )
+    tensors = {"ode_latents": ode_latents.float().cpu(), "ode_t": ode_t.double().cpu()}
+    tensors.update({k: _encode(k, v.cpu()) for k, v in cond.items() if k in COND_KEYS})
+    atomic_save_safetensors(tensors, path, {"format": FORMAT})
+
+
+def is_complete(path: Path) -> bool:
+    """A sample file exists and its header reads (atomic writes make a torn file unlikely, but check)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {"ode_latents", "ode_t"} <= set(f.keys())
+    except Exception:  # any unreadable file is regenerated
+        return False
+
+
+class ODEPairDataset(Dataset):
+    """Reads a folder written by generate_ode_pairs: each item is a dict in the batch layout (no batch dim),
+    ode_t float64, pose frames float in 0..255."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        manifest = self.folder / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(
+                f"{self.folder} has no {MANIFEST}: not an ODE-pair folder; make one with scripts/generate_ode_pairs.py"
+            )
+        self.settings = json.loads(manifest.read_text())
+        self.files = sorted(self.folder.glob("[0-9]*.safetensors"))
+        if not self.files:
+            raise ValueError(f"{self.folder} holds no samples yet: run scripts/generate_ode_pairs.py to fill it")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = load_file(self.files[index])
+        if "ode_latents" not in sample or "ode_t" not in sample:
+            raise ValueError(f"{self.files[index]} lacks ode_latents/ode_t: regenerate it (delete it and rerun)")
+        for key in UINT8_KEYS:
+            if key in sample and sample[key].dtype == torch.uint8:
+                sample[key] = sample[key].float()
+        return sample
+
+
+# ----------------------------------------------------------------------------- generation loop
+
+
+def sample_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
+    """The starting noise of sample `index`: a function of (seed, index) only, so reruns and any sharding agree."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+
+
+def check_manifest(folder: Path, settings: ODEPairSettings, write: bool) -> None:
+    """Refuse to mix trajectories made with other settings; `write` (rank 0) creates the manifest."""
+    wanted = {"format": FORMAT, **asdict(settings), "student_steps": list(settings.student_steps)}
+    path = folder / MANIFEST
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+            raise ValueError(
+                f"{folder} was generated with other settings {diff} (found, asked): use another output folder"
+            )
+    elif write:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(wanted, indent=2), path)
+
+
+def generate_ode_pairs(
+    model: WanModel,
+    source: Dataset,
+    out_dir: str | Path,
+    settings: ODEPairSettings,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> list[int]:
+    """Write the ODE pairs of the source samples r::world that are not written yet; returns the indices written.
+
+    source items are conditioning dicts in the batch layout without the batch dim (context, clip_fea, y, pose,
+    ...). Each sample starts from sample_noise(seed, index), so the output does not depend on ranks or resumes.
+    """
+    out_dir = Path(out_dir)
+    if rank == 0:
+        check_manifest(out_dir, settings, write=True)
+    barrier()  # the other ranks check the manifest rank 0 wrote or found
+    check_manifest(out_dir, settings, write=False)
+    if settings.causal and not isinstance(model, CausalWanModel):
+        raise TypeError("settings.causal=True needs a causal model (e.g. the ODE-initialised student)")
+    written = []
+    for index in range(rank, len(source), world_size):
+        path = sample_path(out_dir, index)
+        if is_complete(path):
+            continue
+        item = source[index]
+        batch = {k: item[k][None].to(device) for k in COND_KEYS if k in item}
+        noise = sample_noise(latent_shape(model, batch), settings.seed, index).to(device)
+        if settings.causal:
+            ode_latents, ode_t = causal_trajectory(model, batch, noise, settings)
+        else:
+            ode_latents, ode_t = teacher_trajectory(model, batch, noise, settings)
+        write_sample(path, ode_latents[0], ode_t, {k: v[0] for k, v in batch.items()})
+        written.append(index)
+        log.info("ODE pair %d written (%s)", index, path.name)
+    return written
