@@ -127,33 +127,27 @@ def test_bad_input_errors(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
-def test_torchrun_two_processes_equal_one(tmp_path, mode):
-    """gloo on CPU, 2 ranks x batch 1 == 1 rank x batch 2 (same global batch): same losses within 1e-5."""
-    script = tmp_path / "run_toy.py"
-    script.write_text(
-        "import sys, json\n"
-        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
-        "from _toy_objectives import REGISTRY\n"
-        "from trainer.registry import objective_defaults\n"
-        "from trainer.trainer import Trainer\n"
-        "from utils.config import load_config\n"
-        "from utils.dist import destroy\n"
-        "cfg = load_config(None, sys.argv[1:], objective_defaults(REGISTRY))\n"
-        "Trainer(cfg, REGISTRY).train(); destroy()\n"
-    )
-    common = ["stage=toy_two", *BASE[:-2], "train.iterations=3", "train.export=false", "roles.generator.lr=1e-3",
-              "roles.critic.lr=1e-3"]  # fmt: skip
+def test_torchrun_dmd_stage_two_processes_equal_one(tmp_path, mode):
+    """The DMD stage (tiny preset) under torchrun, gloo on CPU: 2 ranks x batch 1 == 1 rank x batch 2 (the same
+    global batch), losses within 1e-5, with FSDP2 (activation checkpointing on) and with gradient averaging."""
+    common = [
+        "--config", str(ROOT / "configs" / "stages" / "dmd.yaml"), "model=tiny", "data.type=synthetic",
+        "data.num_samples=4", "data.latent_frames=3", "train.dtype=fp32", "train.iterations=3", "train.export=false",
+        "train.gradient_checkpointing=true", "objective.gen_every=2", "roles.generator.lr=1e-3", "roles.critic.lr=1e-3",
+    ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = [sys.executable, str(script), *common, f"run.output_dir={tmp_path}/one", "train.batch_size=2"]
-    single = subprocess.run(one, capture_output=True, text=True, env=env, timeout=600)
-    assert single.returncode == 0, single.stderr
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *common,
+    one = [sys.executable, str(ROOT / "train.py"), *common, f"run.output_dir={tmp_path}/one", "train.batch_size=2"]
+    single = subprocess.run(one, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train.py"), *common,
            f"run.output_dir={tmp_path}/two", "train.batch_size=1", f"train.distributed={mode}"]  # fmt: skip
-    multi = subprocess.run(two, capture_output=True, text=True, env=env, timeout=600)
+    multi = subprocess.run(two, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    a = [json.loads(line) for line in (tmp_path / "one" / "toy_two" / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(line) for line in (tmp_path / "two" / "toy_two" / "metrics.jsonl").read_text().splitlines()]
+    a = [json.loads(line) for line in (tmp_path / "one" / "dmd" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "two" / "dmd" / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 3 and a[2]["loss/generator"] > 1e-5  # the critic moved: a real DMD gradient
     for x, y in zip(a, b, strict=True):
-        for key in ("loss/generator", "loss/critic"):
-            if key in x:
-                assert abs(x[key] - y[key]) <= 1e-5 * max(1.0, abs(x[key])), (key, x[key], y[key])
+        assert x.keys() == y.keys()
+        for key in x:
+            if key.startswith(("loss/", "grad_norm/")):
+                assert abs(x[key] - y[key]) <= 1e-5 * abs(x[key]) + 1e-9, (key, x[key], y[key])

@@ -43,8 +43,12 @@ def shard_fsdp2(model: WanModel, bf16: bool) -> WanModel:
     """fully_shard each block, then the root; bf16 compute with fp32 gradient reduction when bf16."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    # cast_forward_inputs=False: the blocks take the fp32 residual stream and float64 RoPE tables as inputs and
+    # cast at each matmul themselves; FSDP2's default would round both to bf16.
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None,
+        reduce_dtype=torch.float32 if bf16 else None,
+        cast_forward_inputs=False,
     )
     for block in model.blocks:
         fully_shard(block, mp_policy=mp)

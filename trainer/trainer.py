@@ -49,12 +49,12 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     if not grads:
         return torch.zeros(())
     squares = [_full_tensor(g.detach().float().pow(2).sum()) for g in grads]
-    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
-    if max_norm > 0:
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    total = float(torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt())
+    if max_norm > 0 and total > max_norm:
+        scale = max_norm / (total + 1e-6)  # a Python float: scales plain and DTensor gradients alike
         for g in grads:
-            g.mul_(scale.to(g.device))
-    return total
+            g.mul_(scale)
+    return torch.tensor(total)
 
 
 class Trainer:
@@ -87,9 +87,14 @@ class Trainer:
         for name in self.trainable:
             rc = cfg.roles[name]
             params = [p for p in self.roles[name].parameters() if p.requires_grad]
+            # FSDP2-sharded (DTensor) and replicated params in separate groups: the fused multi-tensor
+            # AdamW step cannot mix the two kinds in one group.
+            groups = [g for g in ([p for p in params if isinstance(p, DTensor)],
+                                  [p for p in params if not isinstance(p, DTensor)]) if g]  # fmt: skip
             self.optimizers[name] = torch.optim.AdamW(
-                params, lr=rc.lr, betas=tuple(rc.betas), weight_decay=rc.weight_decay, eps=rc.eps
-            )
+                [{"params": g} for g in groups], lr=rc.lr, betas=tuple(rc.betas), weight_decay=rc.weight_decay,
+                eps=rc.eps,
+            )  # fmt: skip
         self.emas = {
             name: EMA(self.roles[name], cfg.roles[name].ema_decay, cfg.roles[name].ema_start)
             for name in self.trainable

@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
@@ -75,6 +74,8 @@ def _read_with_decord(path: Path) -> np.ndarray:
 
 
 def _read_with_ffmpeg(path: Path) -> np.ndarray:
+    import imageio_ffmpeg  # lazily: training code imports this module without needing ffmpeg
+
     gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     meta = next(gen)
     width, height = meta["size"]
@@ -104,6 +105,8 @@ def probe_fps(path: str | Path) -> float:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video file {path} does not exist")
+    import imageio_ffmpeg
+
     try:
         gen = imageio_ffmpeg.read_frames(str(path))
         meta = next(gen)
@@ -142,6 +145,8 @@ def write_video(
         )
     codec, pix_fmt = VIDEO_MODES[mode]
     params = ["-crf", "0" if mode == "lossless" else str(crf), "-preset", "veryfast"]
+    import imageio_ffmpeg
+
     with atomic_path(path) as tmp:
         writer = imageio_ffmpeg.write_frames(
             str(tmp),
