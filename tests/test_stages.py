@@ -47,3 +47,11 @@ def test_stage_runs_and_its_loss_falls(tmp_path, stage):
     assert last < 0.8 * first, (stage, role, losses)
     if "loss/generator" in history[0]:  # DMD-type stages step the generator at iteration 0 (gen_every)
         assert all(abs(v) < 1e6 for h in history for k, v in h.items() if k.startswith("loss/"))
+
+
+def test_missing_teacher_checkpoint_names_the_role_and_fix(tmp_path):
+    registry = objective_registry()
+    overrides = [*TINY, f"run.output_dir={tmp_path}", f"roles.teacher.weights={tmp_path / 'teacher_missing'}"]
+    cfg = load_config(ROOT / "configs" / "stages" / "dmd.yaml", overrides, objective_defaults(registry))
+    with pytest.raises(FileNotFoundError, match=r"roles.teacher.weights=.*teacher_missing does not exist.*merge_lora"):
+        Trainer(cfg, registry)
