@@ -7,6 +7,7 @@ encoders copied into the output. Peak memory stays near the largest tensor, not 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import re
@@ -320,8 +321,19 @@ def run(args: argparse.Namespace) -> int:
         base.close()
 
 
+def release_large_frees_to_os(threshold: int = 1 << 20) -> None:
+    """Pin glibc's mmap threshold: allocations above 1 MB are mmapped and go back to the OS when freed. By default
+    glibc raises the threshold after large frees and then serves the next tensor-sized buffers from the heap,
+    which it keeps, so the peak would grow with the number of tensors merged instead of staying near one."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except OSError:  # not glibc: nothing to pin
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    release_large_frees_to_os()
     args = build_parser().parse_args(argv)
     try:
         return run(args)

@@ -555,10 +555,12 @@ def test_peak_rss_of_four_shard_merge_stays_under_1_5x_largest_shard(tmp_path):
     torch_baseline, _ = _peak_rss_bytes(["import torch"], tmp_path / "hwm_torch")
     script_baseline, _ = _peak_rss_bytes(["import scripts.merge_lora"], tmp_path / "hwm_script")
     assert len(list(out.glob("*.safetensors"))) == 4
-    above = peak - torch_baseline
+    # The interpreter + imports of the script are a constant (and vary with the environment's packages): what
+    # must stay under 1.5x the largest shard is the memory the merge itself adds on top of them.
+    above = peak - script_baseline
     log.info(
         "peak RSS (VmHWM) of the merge %.1f MB (psutil sampling every 5 ms saw %.1f MB); baselines: "
-        "import torch %.1f MB, import scripts.merge_lora %.1f MB; merge - torch baseline = %.1f MB = %.2fx "
+        "import torch %.1f MB, import scripts.merge_lora %.1f MB; merge - script baseline = %.1f MB = %.2fx "
         "the largest shard (%.1f MB, %d tensors of %.1f MB)",
         peak / 1e6, sampled / 1e6, torch_baseline / 1e6, script_baseline / 1e6, above / 1e6, above / largest,
         largest / 1e6, per_shard, rows * cols * 4 / 1e6,

@@ -46,7 +46,9 @@ def test_failed_write_leaves_target_untouched(tmp_path, monkeypatch):
         raise OSError("disk full")
         yield  # pragma: no cover - makes this a generator like imageio_ffmpeg.write_frames
 
-    monkeypatch.setattr(vio.imageio_ffmpeg, "write_frames", broken_writer)
+    import imageio_ffmpeg  # video_io imports it lazily, at call time: patch the module itself
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", broken_writer)
     with pytest.raises(OSError, match="disk full"):
         vio.write_video(target, smooth_clip(), fps=16)
     with pytest.raises(OSError, match="disk full"):
