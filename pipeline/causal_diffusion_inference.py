@@ -308,5 +308,6 @@ def stream_latents(
             if i + 1 < len(steps):
                 noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
                 x = add_noise(x0, noise, torch.full_like(t_vec, float(steps[i + 1])))
-        forward(x0, torch.full((batch, frames), float(context_t), device=device), start)  # clean K/V
+        if start + frames < num_frames:  # clean K/V for the blocks after this one (none after the last)
+            forward(x0, torch.full((batch, frames), float(context_t), device=device), start)
         yield start, x0

@@ -141,7 +141,7 @@ def test_pose_tokens_steer_and_only_the_conditional_branch_sees_them(student, va
     for cache, has_pose in calls:
         by_cache.setdefault(cache, set()).add(has_pose)
     assert sorted(by_cache.values(), key=str) == [{False}, {True}]  # one cache per branch; pose only in one
-    assert len(calls) == 2 * (4 + 1)  # 2 branches x one block (3 latent frames) x (4 steps + clean pass)
+    assert len(calls) == 2 * 4  # 2 branches x one block (3 latent frames) x 4 steps; no clean pass after the last block
 
 
 def test_local_window_streams_past_21_latent_frames(student):
