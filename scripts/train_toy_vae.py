@@ -2,6 +2,10 @@
 
     python scripts/train_toy_vae.py --out runs/toy_vae [--config configs/toy/vae.yaml] [steps=3000 ...]
     python scripts/train_toy_vae.py --out /tmp/vae_smoke --smoke      # 2 CPU steps on tiny clips
+    python scripts/train_toy_vae.py --out runs/toy_vae max_minutes=8   # stops at a checkpoint; rerun to resume
+
+Training state is saved every `save_every` steps to OUT/train_state.pt (atomically); a rerun with the same --out
+resumes exactly (clips and noise are functions of the step).
 
 Clips are generated on the fly (train seeds seed + i; held-out seeds from HELD_OUT_SEED). Loss: L1 + MSE
 reconstruction of a posterior sample plus kl_weight * KL. At the end the posterior means of the held-out
@@ -17,6 +21,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -49,6 +54,7 @@ SMOKE = {
     "num_workers": 0,
     "log_every": 1,
     "warmup": 1,
+    "save_every": 1,
     "device": "cpu",
 }
 
@@ -61,9 +67,7 @@ def load_config(path: Path, overrides: Sequence[str], smoke: bool) -> DictConfig
     try:
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except ConfigKeyError as e:
-        raise ValueError(
-            f"unknown key '{e.full_key}' in overrides; the keys of {path} are {list(cfg)}"
-        ) from e
+        raise ValueError(f"unknown key '{e.full_key}' in overrides; the keys of {path} are {list(cfg)}") from e
 
 
 class WorldClips(Dataset):
@@ -124,6 +128,14 @@ def evaluate(vae: AutoencoderKLWan, clips: Dataset, device: torch.device) -> dic
     }
 
 
+def save_state(path: Path, vae: AutoencoderKLWan, opt: torch.optim.Optimizer, step: int) -> None:
+    """Training state after `step` steps, written through a temp file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"vae": vae.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
 def lr_at(step: int, cfg: DictConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -137,9 +149,7 @@ def run(args: argparse.Namespace) -> int:
     world = load_world_config(world_path, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "config asks for device cuda but no GPU is visible; pass device=cpu (slow) or --smoke"
-        )
+        raise ValueError("config asks for device cuda but no GPU is visible; pass device=cpu (slow) or --smoke")
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     vae = build_vae(cfg).to(device).train()
@@ -153,16 +163,25 @@ def run(args: argparse.Namespace) -> int:
         world.width,
     )
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    state_path = args.out / "train_state.pt"
+    first = 0
+    if state_path.exists():  # resume: the clips are a pure function of the step, so the data resumes too
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["optimizer"])
+        first = int(state["step"])
+        logger.info("resumed from %s at step %d", state_path, first)
     loader = DataLoader(
-        WorldClips(world, cfg.steps * cfg.batch_size, cfg.seed),
+        WorldClips(world, (cfg.steps - first) * cfg.batch_size, cfg.seed + first * cfg.batch_size),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
     )
     start = time.perf_counter()
-    bar = tqdm(loader, total=cfg.steps, desc="train", unit="step")
-    for step, video in enumerate(bar):
+    bar = tqdm(loader, total=cfg.steps, initial=first, desc="train", unit="step")
+    for step, video in enumerate(bar, start=first):
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # the posterior sample's noise: a function of the step
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss, parts = vae_loss(vae, video.to(device, non_blocking=True), cfg.kl_weight)
@@ -182,6 +201,12 @@ def run(args: argparse.Namespace) -> int:
                 logs["kl"],
                 lr_at(step, cfg),
             )
+        out_of_time = cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes
+        if (step + 1) % cfg.save_every == 0 or out_of_time:
+            save_state(state_path, vae, opt, step + 1)
+        if out_of_time and step + 1 < cfg.steps:
+            logger.info("max_minutes=%s reached at step %d: state saved, rerun to continue", cfg.max_minutes, step + 1)
+            return 0
     train_s = time.perf_counter() - start
 
     stats = evaluate(vae, WorldClips(world, cfg.eval_clips, HELD_OUT_SEED), device)
@@ -221,13 +246,9 @@ def run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument(
-        "--config", type=Path, default=ROOT / "configs" / "toy" / "vae.yaml", help="training config"
-    )
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "toy" / "vae.yaml", help="training config")
     p.add_argument("--smoke", action="store_true", help="2 steps on CPU with 5-frame 64x64 clips (a test)")
-    p.add_argument(
-        "overrides", nargs="*", help="config overrides, key=value (e.g. steps=3000 vae.base_dim=16)"
-    )
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. steps=3000 vae.base_dim=16)")
     return p
 
 

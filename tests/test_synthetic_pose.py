@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from scripts import train_toy_vae
 from utils.pose import draw_pose_frames
@@ -132,3 +133,16 @@ def test_train_toy_vae_smoke(tmp_path):
     assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size <= 10_000_000
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert np.isfinite(metrics["heldout_psnr"]) and metrics["steps"] == 2
+
+
+def test_train_toy_vae_resumes_from_its_state(tmp_path):
+    """A run stopped after step 1 (max_minutes=0) and rerun ends with the same weights as a straight 2-step run."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_toy_vae.main(["--out", str(straight), "--smoke"]) == 0
+    assert train_toy_vae.main(["--out", str(resumed), "--smoke", "max_minutes=0"]) == 0
+    assert torch.load(resumed / "train_state.pt", weights_only=True)["step"] == 1
+    assert not (resumed / "vae").exists()
+    assert train_toy_vae.main(["--out", str(resumed), "--smoke"]) == 0
+    a = torch.load(straight / "train_state.pt", weights_only=True)["vae"]
+    b = torch.load(resumed / "train_state.pt", weights_only=True)["vae"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
