@@ -4,8 +4,7 @@ The config is configs/default.yaml <- configs/model/<model>.yaml <- the stage fi
 unknown keys are an error naming the closest valid one; the resolved config is saved in the run folder.
 Runs alone (CPU or one GPU) or under torchrun on many GPUs and nodes (FSDP2):
 
-    python train.py --config configs/stages/dmd.yaml model=tiny data.type=synthetic train.dtype=fp32 \
-        train.gradient_checkpointing=false train.iterations=20          # CPU, tiny networks, random data
+    python train.py --config configs/stages/dmd.yaml model=tiny data.type=synthetic train.dtype=fp32  # CPU, tiny
     torchrun --nproc_per_node 8 train.py --config configs/stages/dmd.yaml model=wan_1.3b_causal_pose ...
     python train.py --config configs/stages/dmd.yaml run.name=my_run --resume auto
 """
