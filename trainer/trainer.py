@@ -43,18 +43,18 @@ def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     """Global grad-norm clipping over plain and FSDP2 (DTensor) gradients alike; returns the norm before."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return 0.0
     squares = [_full_tensor(g.detach().float().pow(2).sum()) for g in grads]
     total = float(torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt())
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)  # a Python float: scales plain and DTensor gradients alike
         for g in grads:
             g.mul_(scale)
-    return torch.tensor(total)
+    return total
 
 
 class Trainer:
@@ -190,7 +190,7 @@ class Trainer:
                     average_gradients(params)
                 elif self.mode == "fsdp":  # FSDP2 reduces its sharded params; the rest (pose encoders, heads) here
                     average_gradients([p for p in params if not isinstance(p, DTensor)])
-                logs[f"grad_norm/{role}"] = float(clip_grad_norm(params, cfg.train.grad_clip))
+                logs[f"grad_norm/{role}"] = clip_grad_norm(params, cfg.train.grad_clip)
                 self.optimizers[role].step()
                 if role in self.emas:
                     self.emas[role].update(model, iteration)

@@ -11,6 +11,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,27 +83,22 @@ def _listed(keys: list[str]) -> str:
     return ", ".join(keys[:_MAX_LISTED]) + more
 
 
-def _rename(key: str, pairs: tuple[tuple[str, str], ...], reverse: bool) -> str:
+def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
     for official, diffusers in pairs:
-        src, dst = (diffusers, official) if reverse else (official, diffusers)
-        if key == src or key.startswith(src + "."):
-            return dst + key[len(src) :]
+        if key == diffusers or key.startswith(diffusers + "."):
+            return official + key[len(diffusers) :]
     return key
 
 
-def _convert_key(key: str, reverse: bool) -> str:
+def _official_key(key: str) -> str:
     if key.startswith("blocks."):
         _, index, rest = key.split(".", 2)
-        return f"blocks.{index}.{_rename(rest, _BLOCK_DIFFUSERS, reverse)}"
-    return _rename(key, _TOP_LEVEL_DIFFUSERS, reverse)
-
-
-def official_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {_convert_key(k, reverse=False): v for k, v in state_dict.items()}
+        return f"blocks.{index}.{_rename(rest, _BLOCK_DIFFUSERS)}"
+    return _rename(key, _TOP_LEVEL_DIFFUSERS)
 
 
 def diffusers_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {_convert_key(k, reverse=True): v for k, v in state_dict.items()}
+    return {_official_key(k): v for k, v in state_dict.items()}
 
 
 def _is_diffusers(keys) -> bool:
@@ -198,8 +194,6 @@ class LoadReport:
 
 def _group_names(keys: list[str]) -> str:
     """Compress keys like blocks.3.cross_attn.v_img.weight to patterns for a one-line report."""
-    import re
-
     return "[" + ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", k).rsplit(".", 1)[0] for k in keys})) + "]"
 
 
