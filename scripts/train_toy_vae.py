@@ -55,6 +55,8 @@ SMOKE = {
     "log_every": 1,
     "warmup": 1,
     "save_every": 1,
+    "eval_frames": 9,
+    "amp": None,
     "device": "cpu",
 }
 
@@ -95,10 +97,16 @@ def build_vae(cfg: DictConfig) -> AutoencoderKLWan:
     )
 
 
-def vae_loss(vae: AutoencoderKLWan, video: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict]:
-    """video [B, 3, F, H, W] in [-1, 1] -> loss and its parts."""
-    posterior = vae.encode(video).latent_dist  # mean, logvar [B, z, 1 + (F-1)/4, H/8, W/8]
-    recon = vae.decode(posterior.sample()).sample
+def vae_loss(
+    vae: AutoencoderKLWan, video: torch.Tensor, kl_weight: float, amp: torch.dtype | None = None
+) -> tuple[torch.Tensor, dict]:
+    """video [B, 3, F, H, W] in [-1, 1] -> loss and its parts (the network under autocast to `amp` if given)."""
+    with torch.autocast(video.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        posterior = vae.encode(video).latent_dist  # mean, logvar [B, z, 1 + (F-1)/4, H/8, W/8]
+        recon = vae.decode(posterior.sample()).sample
+    recon, posterior.mean, posterior.var, posterior.logvar = (
+        t.float() for t in (recon, posterior.mean, posterior.var, posterior.logvar)
+    )
     l1, mse = (recon - video).abs().mean(), (recon - video).pow(2).mean()
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
     return l1 + mse + kl_weight * kl, {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
@@ -147,7 +155,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, args.smoke)
     world_path = Path(cfg.world) if Path(cfg.world).is_absolute() else ROOT / cfg.world
     world = load_world_config(world_path, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
+    eval_world = load_world_config(world_path, num_frames=cfg.eval_frames, height=cfg.height, width=cfg.width)
     device = torch.device(cfg.device)
+    amp = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, "bad")
+    if amp == "bad":
+        raise ValueError(f"amp={cfg.amp!r}: use bf16, fp16 or null (fp32)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("config asks for device cuda but no GPU is visible; pass device=cpu (slow) or --smoke")
     torch.manual_seed(cfg.seed)
@@ -184,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # the posterior sample's noise: a function of the step
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss, parts = vae_loss(vae, video.to(device, non_blocking=True), cfg.kl_weight)
+        loss, parts = vae_loss(vae, video.to(device, non_blocking=True), cfg.kl_weight, amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
@@ -193,13 +205,15 @@ def run(args: argparse.Namespace) -> int:
             logs = {k: float(v) for k, v in parts.items()}  # one host sync per log interval
             bar.set_postfix(l1=f"{logs['l1']:.4f}", kl=f"{logs['kl']:.1f}")
             logger.info(
-                "step %d/%d l1 %.4f mse %.5f kl %.2f lr %.2e",
+                "step %d/%d l1 %.4f mse %.5f (%.1f dB) kl %.2f lr %.2e, %.2f steps/s",
                 step + 1,
                 cfg.steps,
                 logs["l1"],
                 logs["mse"],
+                10 * math.log10(4.0 / max(logs["mse"], 1e-12)),  # PSNR of the [-1, 1] range
                 logs["kl"],
                 lr_at(step, cfg),
+                (step + 1 - first) / (time.perf_counter() - start),
             )
         out_of_time = cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes
         if (step + 1) % cfg.save_every == 0 or out_of_time:
@@ -209,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
     train_s = time.perf_counter() - start
 
-    stats = evaluate(vae, WorldClips(world, cfg.eval_clips, HELD_OUT_SEED), device)
+    stats = evaluate(vae, WorldClips(eval_world, cfg.eval_clips, HELD_OUT_SEED), device)
     vae.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"])
     args.out.mkdir(parents=True, exist_ok=True)
     vae.to("cpu").save_pretrained(args.out / "vae", safe_serialization=True)
@@ -227,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
         "heldout_psnr": stats["psnr"],
         "steps": cfg.steps,
         "train_seconds": train_s,
+        "heldout_clips": f"{cfg.eval_clips} clips of {cfg.eval_frames}x{cfg.height}x{cfg.width}, seeds from {HELD_OUT_SEED}",
         "params": n_params,
         "config": OmegaConf.to_container(cfg),
         "world": vars(world),
