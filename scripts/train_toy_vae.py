@@ -5,7 +5,8 @@
     python scripts/train_toy_vae.py --out runs/toy_vae max_minutes=8   # stops at a checkpoint; rerun to resume
 
 Training state is saved every `save_every` steps to OUT/train_state.pt (atomically); a rerun with the same --out
-resumes exactly (clips and noise are functions of the step).
+resumes exactly (clips and noise are functions of the step). With export_on_stop=true a run stopped by max_minutes
+also evaluates and exports the weights it has (metrics.json says "complete": false).
 
 Clips are generated on the fly (train seeds seed + i; held-out seeds from HELD_OUT_SEED). Loss: L1 + MSE
 reconstruction of a posterior sample plus kl_weight * KL. At the end the posterior means of the held-out
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         persistent_workers=cfg.num_workers > 0,
     )
     start = time.perf_counter()
-    bar = tqdm(loader, total=cfg.steps, initial=first, desc="train", unit="step")
+    bar = tqdm(loader, total=cfg.steps, initial=first, desc="train", unit="step", disable=not sys.stderr.isatty())
     for step, video in enumerate(bar, start=first):
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # the posterior sample's noise: a function of the step
         for group in opt.param_groups:
@@ -220,7 +221,10 @@ def run(args: argparse.Namespace) -> int:
             save_state(state_path, vae, opt, step + 1)
         if out_of_time and step + 1 < cfg.steps:
             logger.info("max_minutes=%s reached at step %d: state saved, rerun to continue", cfg.max_minutes, step + 1)
-            return 0
+            if not cfg.export_on_stop:
+                return 0
+            break
+    done = step + 1 if cfg.steps > first else first
     train_s = time.perf_counter() - start
 
     stats = evaluate(vae, WorldClips(eval_world, cfg.eval_clips, HELD_OUT_SEED), device)
@@ -239,8 +243,9 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics = {
         "heldout_psnr": stats["psnr"],
-        "steps": cfg.steps,
-        "train_seconds": train_s,
+        "steps": done,
+        "complete": done == cfg.steps,
+        "train_seconds_this_run": train_s,
         "heldout_clips": f"{cfg.eval_clips} clips of {cfg.eval_frames}x{cfg.height}x{cfg.width}, seeds from {HELD_OUT_SEED}",
         "params": n_params,
         "config": OmegaConf.to_container(cfg),
