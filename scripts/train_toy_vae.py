@@ -39,6 +39,7 @@ from omegaconf.errors import ConfigKeyError  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from utils.dist import all_reduce_mean, average_gradients, barrier, destroy, init_distributed  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
 from utils.synthetic_pose import WorldConfig, generate_sample, load_world_config  # noqa: E402
 
@@ -56,6 +57,8 @@ SMOKE = {
     "log_every": 1,
     "warmup": 1,
     "save_every": 1,
+    "eval_every": 0,
+    "crop": None,
     "eval_frames": 9,
     "amp": None,
     "device": "cpu",
@@ -74,17 +77,39 @@ def load_config(path: Path, overrides: Sequence[str], smoke: bool) -> DictConfig
 
 
 class WorldClips(Dataset):
-    """Videos of the synthetic world: item i -> [3, F, H, W] float in [-1, 1] from seed base + i."""
+    """Videos of the synthetic world: item i -> [3, F, H, W] float in [-1, 1] from seed base + i.
 
-    def __init__(self, world: WorldConfig, length: int, base: int) -> None:
-        self.world, self.length, self.base = world, length, base
+    With `crop`, a crop x crop window at a position drawn from the clip's seed (fully convolutional training on
+    smaller windows; evaluation uses whole frames). `index` maps the dataset position to the clip number, so each
+    rank of a data-parallel run reads its own share of every global batch.
+    """
+
+    def __init__(self, world: WorldConfig, length: int, base: int, crop: int | None = None, index=None) -> None:
+        self.world, self.length, self.base, self.crop, self.index = world, length, base, crop, index
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        video = generate_sample(self.world, self.base + i, draw_pose=False).video
-        return torch.from_numpy(video).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # [F,H,W,3] -> [3,F,H,W]
+        seed = self.base + (self.index(i) if self.index is not None else i)
+        video = generate_sample(self.world, seed, draw_pose=False).video
+        if self.crop is not None:
+            rng = np.random.default_rng([seed, 7])
+            y = int(rng.integers(0, video.shape[1] - self.crop + 1))
+            x = int(rng.integers(0, video.shape[2] - self.crop + 1))
+            video = video[:, y : y + self.crop, x : x + self.crop]
+        return torch.from_numpy(np.ascontiguousarray(video)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+class _RankShare:
+    """Dataset position -> global clip number: rank r takes items [r*b, (r+1)*b) of each global batch."""
+
+    def __init__(self, first_step: int, global_batch: int, rank: int, world: int) -> None:
+        self.first, self.gb, self.rank, self.local = first_step, global_batch, rank, global_batch // world
+
+    def __call__(self, i: int) -> int:
+        step, j = divmod(i, self.local)
+        return (self.first + step) * self.gb + self.rank * self.local + j
 
 
 def build_vae(cfg: DictConfig) -> AutoencoderKLWan:
@@ -157,23 +182,33 @@ def run(args: argparse.Namespace) -> int:
     world_path = Path(cfg.world) if Path(cfg.world).is_absolute() else ROOT / cfg.world
     world = load_world_config(world_path, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
     eval_world = load_world_config(world_path, num_frames=cfg.eval_frames, height=cfg.height, width=cfg.width)
-    device = torch.device(cfg.device)
+    info = init_distributed(cfg.device)
+    device = info.device
     amp = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, "bad")
     if amp == "bad":
         raise ValueError(f"amp={cfg.amp!r}: use bf16, fp16 or null (fp32)")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("config asks for device cuda but no GPU is visible; pass device=cpu (slow) or --smoke")
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"batch_size={cfg.batch_size} (global) must be divisible by the {info.world_size} ranks")
+    if cfg.crop is not None and not (8 <= cfg.crop <= min(cfg.height, cfg.width) and cfg.crop % 8 == 0):
+        raise ValueError(f"crop={cfg.crop}: use a multiple of 8 no larger than the frame ({cfg.height}x{cfg.width})")
+    if not info.is_main:
+        logger.setLevel(logging.WARNING)
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     vae = build_vae(cfg).to(device).train()
     n_params = sum(p.numel() for p in vae.parameters())
     logger.info(
-        "VAE %.2fM parameters (%.1f MB fp32); clips %dx%dx%d",
+        "VAE %.2fM parameters (%.1f MB fp32); clips %dx%dx%d%s, global batch %d over %d rank(s)",
         n_params / 1e6,
         n_params * 4 / 1e6,
         cfg.num_frames,
         world.height,
         world.width,
+        f" cropped to {cfg.crop}x{cfg.crop}" if cfg.crop else "",
+        cfg.batch_size,
+        info.world_size,
     )
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     state_path = args.out / "train_state.pt"
@@ -184,47 +219,74 @@ def run(args: argparse.Namespace) -> int:
         opt.load_state_dict(state["optimizer"])
         first = int(state["step"])
         logger.info("resumed from %s at step %d", state_path, first)
+    local_batch = cfg.batch_size // info.world_size
     loader = DataLoader(
-        WorldClips(world, (cfg.steps - first) * cfg.batch_size, cfg.seed + first * cfg.batch_size),
-        batch_size=cfg.batch_size,
+        WorldClips(
+            world,
+            max(cfg.steps - first, 0) * local_batch,
+            cfg.seed,
+            cfg.crop,
+            _RankShare(first, cfg.batch_size, info.rank, info.world_size),
+        ),
+        batch_size=local_batch,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
     )
+    quick_eval = WorldClips(world, min(4, cfg.eval_clips), HELD_OUT_SEED)  # whole frames, training length
     start = time.perf_counter()
     bar = tqdm(loader, total=cfg.steps, initial=first, desc="train", unit="step", disable=not sys.stderr.isatty())
+    done = first
     for step, video in enumerate(bar, start=first):
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # the posterior sample's noise: a function of the step
+        # the posterior sample's noise: a function of the step and the rank
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + info.rank)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss, parts = vae_loss(vae, video.to(device, non_blocking=True), cfg.kl_weight, amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(vae.parameters())
         torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
         opt.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            logs = {k: float(v) for k, v in parts.items()}  # one host sync per log interval
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            logs = all_reduce_mean(parts)  # one host sync per log interval
             bar.set_postfix(l1=f"{logs['l1']:.4f}", kl=f"{logs['kl']:.1f}")
             logger.info(
                 "step %d/%d l1 %.4f mse %.5f (%.1f dB) kl %.2f lr %.2e, %.2f steps/s",
-                step + 1,
+                done,
                 cfg.steps,
                 logs["l1"],
                 logs["mse"],
                 10 * math.log10(4.0 / max(logs["mse"], 1e-12)),  # PSNR of the [-1, 1] range
                 logs["kl"],
                 lr_at(step, cfg),
-                (step + 1 - first) / (time.perf_counter() - start),
+                (done - first) / (time.perf_counter() - start),
             )
-        out_of_time = cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes
-        if (step + 1) % cfg.save_every == 0 or out_of_time:
-            save_state(state_path, vae, opt, step + 1)
-        if out_of_time and step + 1 < cfg.steps:
-            logger.info("max_minutes=%s reached at step %d: state saved, rerun to continue", cfg.max_minutes, step + 1)
+        if cfg.eval_every and done % cfg.eval_every == 0 and info.is_main:
+            logger.info(
+                "step %d: held-out PSNR %.2f dB (%d whole clips)",
+                done,
+                evaluate(vae, quick_eval, device)["psnr"],
+                len(quick_eval),
+            )
+        out_of_time = False
+        if cfg.max_minutes is not None and done % cfg.log_every == 0:  # checked where the log syncs anyway
+            flag = torch.tensor(float(time.perf_counter() - start > 60 * cfg.max_minutes), device=device)
+            if info.world_size > 1:  # every rank stops at the same step
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if done % cfg.save_every == 0 or out_of_time:
+            if info.is_main:
+                save_state(state_path, vae, opt, done)
+            barrier()
+        if out_of_time and done < cfg.steps:
+            logger.info("max_minutes=%s reached at step %d: state saved, rerun to continue", cfg.max_minutes, done)
             if not cfg.export_on_stop:
                 return 0
             break
-    done = step + 1 if cfg.steps > first else first
+    if not info.is_main:
+        return 0
     train_s = time.perf_counter() - start
 
     stats = evaluate(vae, WorldClips(eval_world, cfg.eval_clips, HELD_OUT_SEED), device)
@@ -246,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         "steps": done,
         "complete": done == cfg.steps,
         "train_seconds_this_run": train_s,
-        "heldout_clips": f"{cfg.eval_clips} clips of {cfg.eval_frames}x{cfg.height}x{cfg.width}, seeds from {HELD_OUT_SEED}",
+        "heldout_clips": f"{cfg.eval_clips} x {cfg.eval_frames}x{cfg.height}x{cfg.width}, seeds {HELD_OUT_SEED}+",
         "params": n_params,
         "config": OmegaConf.to_container(cfg),
         "world": vars(world),
@@ -280,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         logger.error("error: %s", e)
         return 1
+    finally:
+        destroy()
 
 
 if __name__ == "__main__":
