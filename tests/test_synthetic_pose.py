@@ -34,9 +34,7 @@ def samples(world):
 def test_deterministic_and_varied(world, samples):
     again = generate_sample(world, 0)
     assert np.array_equal(again.video, samples[0].video) and np.array_equal(again.pose, samples[0].pose)
-    assert (
-        np.array_equal(again.keypoints.body, samples[0].keypoints.body) and again.prompt == samples[0].prompt
-    )
+    assert np.array_equal(again.keypoints.body, samples[0].keypoints.body) and again.prompt == samples[0].prompt
     assert not np.array_equal(samples[0].video, samples[1].video)
 
 
@@ -46,9 +44,7 @@ def test_sample_layout(world, samples):
     assert s.video.shape == s.pose.shape == (f, h, w, 3) and s.video.dtype == s.pose.dtype == np.uint8
     assert len(s.keypoints) == f and (s.keypoints.width, s.keypoints.height) == (w, h)
     assert np.array_equal(s.pose, draw_pose_frames(s.keypoints, h, w))  # the inference drawing code
-    assert np.array_equal(s.ref_image, s.video[s.ref_index]) and np.array_equal(
-        s.ref_pose, s.pose[s.ref_index]
-    )
+    assert np.array_equal(s.ref_image, s.video[s.ref_index]) and np.array_equal(s.ref_pose, s.pose[s.ref_index])
     assert s.prompt.startswith("a figure in a") and s.meta["motions"]
     assert s.keypoints.body_visible.mean() > 0.8 and s.keypoints.hand_visible.any()
 
@@ -146,3 +142,32 @@ def test_train_toy_vae_resumes_from_its_state(tmp_path):
     a = torch.load(straight / "train_state.pt", weights_only=True)["vae"]
     b = torch.load(resumed / "train_state.pt", weights_only=True)["vae"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_toy_vae_ranks_share_each_global_batch_exactly():
+    """Rank r of N reads items [r*b, (r+1)*b) of every global batch: together the ranks read what one process reads."""
+    world = load_world_config(num_frames=5, height=64, width=64)
+    gb, first, steps = 6, 4, 3
+    one = train_toy_vae.WorldClips(world, steps * gb, 0, 32, train_toy_vae._RankShare(first, gb, 0, 1))
+    ranks = [
+        train_toy_vae.WorldClips(world, steps * 2, 0, 32, train_toy_vae._RankShare(first, gb, r, 3)) for r in range(3)
+    ]
+    for step in range(steps):
+        for r in range(3):
+            for j in range(2):
+                assert (
+                    one.index(step * gb + r * 2 + j) == ranks[r].index(step * 2 + j) == (first + step) * gb + r * 2 + j
+                )
+    a, b = one[gb + 3], ranks[1][2 + 1]  # the same clip number: the same crop of the same clip
+    assert a.shape == (3, 5, 32, 32) and torch.equal(a, b)
+    full = train_toy_vae.WorldClips(world, 1, (first + 1) * gb + 3)[0]  # the crop is a window of the whole frame
+    hits = [(y, x) for y in range(33) for x in range(33) if torch.equal(full[:, :, y : y + 32, x : x + 32], a)]
+    assert len(hits) >= 1
+
+
+def test_train_toy_vae_export_on_stop_and_bad_crop(tmp_path):
+    assert train_toy_vae.main(["--out", str(tmp_path), "--smoke", "max_minutes=0", "export_on_stop=true"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 1 and metrics["complete"] is False
+    assert (tmp_path / "vae" / "config.json").exists()
+    assert train_toy_vae.main(["--out", str(tmp_path / "bad"), "--smoke", "crop=60"]) == 1
