@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as `python scripts/train_toy_vae.py`: make 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKLWan  # noqa: E402
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import ConfigKeyError  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
@@ -42,6 +43,7 @@ from tqdm import tqdm  # noqa: E402
 from utils.dist import all_reduce_mean, average_gradients, barrier, destroy, init_distributed  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
 from utils.synthetic_pose import WorldConfig, generate_sample, load_world_config  # noqa: E402
+from utils.wan_vae_parallel import decode, encode_moments  # noqa: E402
 
 logger = logging.getLogger("train_toy_vae")
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,9 +129,11 @@ def vae_loss(
     vae: AutoencoderKLWan, video: torch.Tensor, kl_weight: float, amp: torch.dtype | None = None
 ) -> tuple[torch.Tensor, dict]:
     """video [B, 3, F, H, W] in [-1, 1] -> loss and its parts (the network under autocast to `amp` if given)."""
+    # the whole-clip forward (utils.wan_vae_parallel): equal to vae.encode / vae.decode, without their per-chunk
+    # kernel launches (those made training launch-bound: ~3 steps/s for any model size)
     with torch.autocast(video.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        posterior = vae.encode(video).latent_dist  # mean, logvar [B, z, 1 + (F-1)/4, H/8, W/8]
-        recon = vae.decode(posterior.sample()).sample
+        posterior = DiagonalGaussianDistribution(encode_moments(vae, video))  # [B, z, 1 + (F-1)/4, H/8, W/8]
+        recon = decode(vae, posterior.sample())
     recon, posterior.mean, posterior.var, posterior.logvar = (
         t.float() for t in (recon, posterior.mean, posterior.var, posterior.logvar)
     )
@@ -187,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
     amp = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, "bad")
     if amp == "bad":
         raise ValueError(f"amp={cfg.amp!r}: use bf16, fp16 or null (fp32)")
+    if cfg.export_dtype not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"export_dtype={cfg.export_dtype!r}: use fp32, fp16 or bf16")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("config asks for device cuda but no GPU is visible; pass device=cpu (slow) or --smoke")
     if cfg.batch_size % info.world_size:
@@ -289,7 +295,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     train_s = time.perf_counter() - start
 
+    stored = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.export_dtype]
+    vae = vae.to(stored).float()  # round to the stored precision first: the held-out PSNR scores what is saved
     stats = evaluate(vae, WorldClips(eval_world, cfg.eval_clips, HELD_OUT_SEED), device)
+    vae.to(stored)
     vae.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"])
     args.out.mkdir(parents=True, exist_ok=True)
     vae.to("cpu").save_pretrained(args.out / "vae", safe_serialization=True)
