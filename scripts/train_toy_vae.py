@@ -296,9 +296,11 @@ def run(args: argparse.Namespace) -> int:
     train_s = time.perf_counter() - start
 
     stored = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.export_dtype]
-    vae = vae.to(stored).float()  # round to the stored precision first: the held-out PSNR scores what is saved
+    if stored != torch.float32:  # round to the stored precision first: the held-out PSNR scores what is saved
+        vae = vae.to(stored).float()
     stats = evaluate(vae, WorldClips(eval_world, cfg.eval_clips, HELD_OUT_SEED), device)
-    vae.to(stored)
+    if stored != torch.float32:
+        vae.to(stored)
     vae.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"])
     args.out.mkdir(parents=True, exist_ok=True)
     vae.to("cpu").save_pretrained(args.out / "vae", safe_serialization=True)
