@@ -115,7 +115,7 @@ class _RankShare:
 
 
 def build_vae(cfg: DictConfig) -> AutoencoderKLWan:
-    return AutoencoderKLWan(
+    vae = AutoencoderKLWan(
         base_dim=cfg.vae.base_dim,
         z_dim=cfg.vae.z_dim,
         dim_mult=list(cfg.vae.dim_mult),
@@ -123,6 +123,13 @@ def build_vae(cfg: DictConfig) -> AutoencoderKLWan:
         attn_scales=[],
         temperal_downsample=[False, True, True],
     )
+    if cfg.vae.init_logvar is not None:
+        # diffusers' init gives the posterior std ~1, so early latents carry little signal above the sampling noise
+        # (and with a KL weight of 1e-6 the logvar bias takes ~1e4 Adam steps to come down). Start it small.
+        with torch.no_grad():
+            vae.quant_conv.weight[cfg.vae.z_dim :].zero_()
+            vae.quant_conv.bias[cfg.vae.z_dim :].fill_(float(cfg.vae.init_logvar))
+    return vae
 
 
 def vae_loss(
@@ -133,7 +140,9 @@ def vae_loss(
     # kernel launches (those made training launch-bound: ~3 steps/s for any model size)
     with torch.autocast(video.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         posterior = DiagonalGaussianDistribution(encode_moments(vae, video))  # [B, z, 1 + (F-1)/4, H/8, W/8]
-        recon = decode(vae, posterior.sample())
+        # unclamped: diffusers clamps to [-1, 1], which zeroes the gradient of every pixel that overshoots, so
+        # saturated colours (common in the world) get stuck (evaluation and export decode with the clamp)
+        recon = decode(vae, posterior.sample(), clamp=False)
     recon, posterior.mean, posterior.var, posterior.logvar = (
         t.float() for t in (recon, posterior.mean, posterior.var, posterior.logvar)
     )
