@@ -171,3 +171,27 @@ def test_train_toy_vae_export_on_stop_and_bad_crop(tmp_path):
     assert metrics["steps"] == 1 and metrics["complete"] is False
     assert (tmp_path / "vae" / "config.json").exists()
     assert train_toy_vae.main(["--out", str(tmp_path / "bad"), "--smoke", "crop=60"]) == 1
+
+
+def test_toy_vae_init_logvar_and_unclamped_loss():
+    cfg = train_toy_vae.load_config(train_toy_vae.ROOT / "configs/toy/vae.yaml", ["vae.base_dim=8"], smoke=True)
+    vae = train_toy_vae.build_vae(cfg)
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    logvar = train_toy_vae.encode_moments(vae, video)[:, cfg.vae.z_dim :]
+    torch.testing.assert_close(logvar, torch.full_like(logvar, cfg.vae.init_logvar))
+    # the training loss sees the unclamped decode: pixels that overshoot [-1, 1] still get a gradient
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(5.0)  # every output far above 1
+    loss, _ = train_toy_vae.vae_loss(vae, torch.ones_like(video), cfg.kl_weight)
+    loss.backward()
+    assert loss.item() > 3.0 and vae.decoder.conv_out.bias.grad.abs().min() > 0.5
+
+
+def test_toy_vae_fp16_export_halves_the_file(tmp_path):
+    assert train_toy_vae.main(["--out", str(tmp_path / "a"), "--smoke"]) == 0
+    assert train_toy_vae.main(["--out", str(tmp_path / "b"), "--smoke", "export_dtype=fp16"]) == 0
+    sizes = [(tmp_path / d / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size for d in "ab"]
+    assert 0.45 < sizes[1] / sizes[0] < 0.55
+    psnrs = [json.loads((tmp_path / d / "metrics.json").read_text())["heldout_psnr"] for d in "ab"]
+    assert abs(psnrs[0] - psnrs[1]) < 0.1  # the same 2 smoke steps, scored after rounding to fp16
+    assert train_toy_vae.main(["--out", str(tmp_path / "c"), "--smoke", "export_dtype=int8"]) == 1
