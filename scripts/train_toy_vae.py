@@ -42,7 +42,7 @@ from tqdm import tqdm  # noqa: E402
 
 from utils.dist import all_reduce_mean, average_gradients, barrier, destroy, init_distributed  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
-from utils.synthetic_pose import WorldConfig, generate_sample, load_world_config  # noqa: E402
+from utils.synthetic_pose import WorldConfig, generate_sample, load_world_config, pixel_regions  # noqa: E402
 from utils.wan_vae_parallel import decode, encode_moments  # noqa: E402
 
 logger = logging.getLogger("train_toy_vae")
@@ -161,15 +161,33 @@ def evaluate(vae: AutoencoderKLWan, clips: Dataset, device: torch.device) -> dic
     """Held-out PSNR of decode(mu) and the per-channel mean/std of mu over all held-out latents."""
     vae.eval()
     mus, scores = [], []
+    region_se = {"marker": 0.0, "edge": 0.0, "flat": 0.0}
+    region_n = dict.fromkeys(region_se, 0)
     for i in range(len(clips)):
         video = clips[i][None].to(device)
         mu = vae.encode(video).latent_dist.mean  # [1, z, f, h, w]
-        scores.append(psnr(to_uint8(vae.decode(mu).sample[0]), to_uint8(video[0])))
+        recon, truth = to_uint8(vae.decode(mu).sample[0]), to_uint8(video[0])
+        scores.append(psnr(recon, truth))
+        se = ((recon.astype(np.float64) - truth) ** 2).mean(-1)  # [F, H, W]
+        for name, mask in pixel_regions(truth).items():
+            region_se[name] += float(se[mask].sum())
+            region_n[name] += int(mask.sum())
         mus.append(mu.transpose(0, 1).flatten(1).double().cpu())  # [z, f*h*w]
     vae.train()
     mu = torch.cat(mus, 1)
+    total = sum(region_se.values())
+    regions = {
+        name: {
+            "pixels": region_n[name] / sum(region_n.values()),
+            "share_of_error": region_se[name] / total if total else 0.0,
+            "psnr": 10 * math.log10(255.0**2 * region_n[name] / region_se[name]) if region_se[name] else math.inf,
+        }
+        for name in region_se
+        if region_n[name]
+    }
     return {
         "psnr": float(np.mean(scores)),
+        "regions": regions,
         "latents_mean": mu.mean(1).tolist(),
         "latents_std": mu.std(1).tolist(),
     }
@@ -325,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics = {
         "heldout_psnr": stats["psnr"],
+        "heldout_regions": stats["regions"],  # where the error sits: joint markers, colour edges, flat areas
         "steps": done,
         "complete": done == cfg.steps,
         "train_seconds_this_run": train_s,
@@ -335,6 +354,13 @@ def run(args: argparse.Namespace) -> int:
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     size = (args.out / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size
+    logger.info(
+        "held-out PSNR by region: %s",
+        ", ".join(
+            f"{k} {v['psnr']:.1f} dB ({100 * v['pixels']:.1f}% of pixels, {100 * v['share_of_error']:.0f}% of error)"
+            for k, v in stats["regions"].items()
+        ),
+    )
     logger.info(
         "held-out PSNR %.2f dB; weights %.1f MB in %s (%.0f s training)",
         stats["psnr"],

@@ -18,6 +18,7 @@ from utils.synthetic_pose import (
     detect_markers,
     generate_sample,
     load_world_config,
+    pixel_regions,
 )
 
 
@@ -129,6 +130,10 @@ def test_train_toy_vae_smoke(tmp_path):
     assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size <= 10_000_000
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert np.isfinite(metrics["heldout_psnr"]) and metrics["steps"] == 2
+    regions = metrics["heldout_regions"]
+    assert set(regions) == {"marker", "edge", "flat"}
+    assert abs(sum(r["pixels"] for r in regions.values()) - 1) < 1e-9
+    assert abs(sum(r["share_of_error"] for r in regions.values()) - 1) < 1e-9
 
 
 def test_train_toy_vae_resumes_from_its_state(tmp_path):
@@ -195,3 +200,23 @@ def test_toy_vae_fp16_export_halves_the_file(tmp_path):
     psnrs = [json.loads((tmp_path / d / "metrics.json").read_text())["heldout_psnr"] for d in "ab"]
     assert abs(psnrs[0] - psnrs[1]) < 0.1  # the same 2 smoke steps, scored after rounding to fp16
     assert train_toy_vae.main(["--out", str(tmp_path / "c"), "--smoke", "export_dtype=int8"]) == 1
+
+
+def test_pixel_regions_split_markers_edges_and_flat():
+    video = np.full((2, 10, 12, 3), 90, dtype=np.uint8)
+    video[:, 2:5, 2:5] = (200, 10, 10)  # a 3x3 patch of another colour
+    video[1, 7, 9] = MARKER_COLORS[3]  # one marker pixel in frame 1
+    r = pixel_regions(video)
+    assert r["marker"].sum() == 1 and r["marker"][1, 7, 9]
+    # the patch and its 1-pixel ring see a colour change within 3x3: a 5x5 block
+    expected_edge = np.zeros((10, 12), bool)
+    expected_edge[1:6, 1:6] = True
+    expected_edge[3, 3] = False  # the patch's centre pixel sees only the patch colour
+    assert (r["edge"][0] == expected_edge).all()
+    ring = np.zeros((10, 12), bool)
+    ring[6:9, 8:11] = True
+    ring[7, 9] = False  # the marker pixel itself
+    assert (r["edge"][1] == (expected_edge | ring)).all()
+    assert (r["flat"] == ~(r["marker"] | r["edge"])).all()
+    with pytest.raises(ValueError, match="uint8"):
+        pixel_regions(video.astype(np.float32))

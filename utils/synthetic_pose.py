@@ -641,6 +641,24 @@ def _draw_markers(video: np.ndarray, px: np.ndarray, score: np.ndarray, radius: 
             video[np.broadcast_to(fr[:, None], yy.shape)[ok], yy[ok], xx[ok]] = MARKER_COLORS[k]
 
 
+def pixel_regions(video: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean masks [F, H, W] that split a rendered world video [F, H, W, 3] uint8 into 'marker' (pixels of a
+    joint-marker colour), 'edge' (a colour change within the 3x3 neighbourhood; markers excluded) and 'flat'
+    (the rest). They tell where a model's error sits, e.g. a VAE's reconstruction error."""
+    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+        raise ValueError(f"video must be uint8 [F, H, W, 3], got {video.dtype} {tuple(video.shape)}")
+    code = video.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], dtype=np.int32)  # one int per colour
+    marker = np.isin(code, MARKER_COLORS.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], dtype=np.int32))
+    h, w = code.shape[1:]
+    padded = np.pad(code, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    edge = np.zeros_like(marker)
+    for dy in range(3):
+        for dx in range(3):
+            edge |= padded[:, dy : dy + h, dx : dx + w] != code
+    edge &= ~marker
+    return {"marker": marker, "edge": edge, "flat": ~(marker | edge)}
+
+
 _VERBS = {
     "walk": "walking",
     "wave": "waving",
