@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train (or resume) the toy VAE on all GPUs of one host inside a fixed time, with the cosine schedule sized to it.
 #   bash scripts/jobs/toy_vae_timed.sh OUT_DIR SECONDS [key=val ...]
-# A 60-second throwaway run measures steps/s with the same settings; the real run then gets
+# A throwaway run (75 s with start-up, never saved) measures steps/s with the same settings; the real run then gets
 # steps = (resumed step) + 0.92 * steps/s * SECONDS (a multiple of save_every=250), max_minutes = SECONDS / 60 and
 # export_on_stop=true, so it anneals and exports inside the window. OUT_DIR/train_state.pt, if present, resumes.
 set -u
