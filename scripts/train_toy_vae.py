@@ -42,6 +42,7 @@ from tqdm import tqdm  # noqa: E402
 
 from utils.dist import all_reduce_mean, average_gradients, barrier, destroy, init_distributed  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
+from utils.safetensors_io import load_file  # noqa: E402
 from utils.synthetic_pose import WorldConfig, generate_sample, load_world_config, pixel_regions  # noqa: E402
 from utils.wan_vae_parallel import decode, encode_moments  # noqa: E402
 
@@ -61,6 +62,7 @@ SMOKE = {
     "save_every": 1,
     "eval_every": 0,
     "crop": None,
+    "crops_per_clip": 1,
     "eval_frames": 9,
     "amp": None,
     "device": "cpu",
@@ -82,12 +84,18 @@ class WorldClips(Dataset):
     """Videos of the synthetic world: item i -> [3, F, H, W] float in [-1, 1] from seed base + i.
 
     With `crop`, a crop x crop window at a position drawn from the clip's seed (fully convolutional training on
-    smaller windows; evaluation uses whole frames). `index` maps the dataset position to the clip number, so each
-    rank of a data-parallel run reads its own share of every global batch.
+    smaller windows; evaluation uses whole frames); with `crops` > 1, that many windows of the same clip
+    stacked [crops, 3, F, crop, crop] (rendering a clip costs more than a training step spends on one window).
+    `index` maps the dataset position to the clip number, so each rank of a data-parallel run reads its own
+    share of every global batch.
     """
 
-    def __init__(self, world: WorldConfig, length: int, base: int, crop: int | None = None, index=None) -> None:
-        self.world, self.length, self.base, self.crop, self.index = world, length, base, crop, index
+    def __init__(
+        self, world: WorldConfig, length: int, base: int, crop: int | None = None, index=None, crops: int = 1
+    ) -> None:
+        if crops > 1 and crop is None:
+            raise ValueError("crops > 1 needs a crop size")
+        self.world, self.length, self.base, self.crop, self.index, self.crops = world, length, base, crop, index, crops
 
     def __len__(self) -> int:
         return self.length
@@ -97,10 +105,14 @@ class WorldClips(Dataset):
         video = generate_sample(self.world, seed, draw_pose=False).video
         if self.crop is not None:
             rng = np.random.default_rng([seed, 7])
-            y = int(rng.integers(0, video.shape[1] - self.crop + 1))
-            x = int(rng.integers(0, video.shape[2] - self.crop + 1))
-            video = video[:, y : y + self.crop, x : x + self.crop]
-        return torch.from_numpy(np.ascontiguousarray(video)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+            windows = []
+            for _ in range(self.crops):
+                y = int(rng.integers(0, video.shape[1] - self.crop + 1))
+                x = int(rng.integers(0, video.shape[2] - self.crop + 1))
+                windows.append(video[:, y : y + self.crop, x : x + self.crop])
+            video = windows[0] if self.crops == 1 else np.stack(windows)
+        clip = torch.from_numpy(np.ascontiguousarray(video)).float() / 127.5 - 1.0  # [(K,) F, H, W, 3]
+        return clip.movedim(-1, -4)  # [(K,) 3, F, H, W]
 
 
 class _RankShare:
@@ -130,6 +142,29 @@ def build_vae(cfg: DictConfig) -> AutoencoderKLWan:
             vae.quant_conv.weight[cfg.vae.z_dim :].zero_()
             vae.quant_conv.bias[cfg.vae.z_dim :].fill_(float(cfg.vae.init_logvar))
     return vae
+
+
+def init_weights(vae: AutoencoderKLWan, path: Path) -> None:
+    """Load an exported VAE (a folder with diffusion_pytorch_model.safetensors, or that file) into `vae`:
+    strict, with the missing and unexpected keys named when they differ."""
+    file = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
+    if not file.exists():
+        raise ValueError(f"init_from={str(path)!r}: no {file.name} there; point it at an exported OUT/vae folder")
+    weights = load_file(file)
+    own = vae.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"init_from={str(path)!r} does not fit the configured VAE: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)}); use the vae.* settings it was trained with"
+        )
+    bad = [k for k in own if own[k].shape != weights[k].shape]
+    if bad:
+        raise ValueError(
+            f"init_from={str(path)!r}: shapes differ for {bad[:5]}; use the vae.* settings it was trained with"
+        )
+    vae.load_state_dict({k: v.float() for k, v in weights.items()})
+    logger.info("initialised the VAE from %s (%d tensors)", file, len(weights))
 
 
 def vae_loss(
@@ -224,6 +259,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("config asks for device cuda but no GPU is visible; pass device=cpu (slow) or --smoke")
     if cfg.batch_size % info.world_size:
         raise ValueError(f"batch_size={cfg.batch_size} (global) must be divisible by the {info.world_size} ranks")
+    if cfg.batch_size % (info.world_size * cfg.crops_per_clip):
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be divisible by ranks x crops_per_clip "
+            f"({info.world_size} x {cfg.crops_per_clip})"
+        )
+    if cfg.crops_per_clip > 1 and cfg.crop is None:
+        raise ValueError("crops_per_clip > 1 needs crop (a window size); set crop=64 or crops_per_clip=1")
     if cfg.crop is not None and not (8 <= cfg.crop <= min(cfg.height, cfg.width) and cfg.crop % 8 == 0):
         raise ValueError(f"crop={cfg.crop}: use a multiple of 8 no larger than the frame ({cfg.height}x{cfg.width})")
     if not info.is_main:
@@ -252,16 +294,19 @@ def run(args: argparse.Namespace) -> int:
         opt.load_state_dict(state["optimizer"])
         first = int(state["step"])
         logger.info("resumed from %s at step %d", state_path, first)
-    local_batch = cfg.batch_size // info.world_size
+    elif cfg.init_from is not None:  # weights of an earlier export; a fresh optimizer and schedule
+        init_weights(vae, Path(cfg.init_from))
+    local_clips = cfg.batch_size // info.world_size // cfg.crops_per_clip  # clips per rank and step
     loader = DataLoader(
         WorldClips(
             world,
-            max(cfg.steps - first, 0) * local_batch,
+            max(cfg.steps - first, 0) * local_clips,
             cfg.seed,
             cfg.crop,
-            _RankShare(first, cfg.batch_size, info.rank, info.world_size),
+            _RankShare(first, cfg.batch_size // cfg.crops_per_clip, info.rank, info.world_size),
+            cfg.crops_per_clip,
         ),
-        batch_size=local_batch,
+        batch_size=local_clips,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
@@ -275,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + info.rank)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
+        video = video.flatten(0, 1) if video.ndim == 6 else video  # [clips, crops, ...] -> [batch, ...]
         loss, parts = vae_loss(vae, video.to(device, non_blocking=True), cfg.kl_weight, amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -12,6 +12,7 @@ import torch
 
 from scripts import train_toy_vae
 from utils.pose import draw_pose_frames
+from utils.safetensors_io import load_file
 from utils.synthetic_pose import (
     APPEARANCE_RANGE,
     MARKER_COLORS,
@@ -168,6 +169,40 @@ def test_toy_vae_ranks_share_each_global_batch_exactly():
     full = train_toy_vae.WorldClips(world, 1, (first + 1) * gb + 3)[0]  # the crop is a window of the whole frame
     hits = [(y, x) for y in range(33) for x in range(33) if torch.equal(full[:, :, y : y + 32, x : x + 32], a)]
     assert len(hits) >= 1
+
+
+def test_toy_vae_crops_per_clip_are_windows_of_one_clip(tmp_path):
+    world = load_world_config(num_frames=5, height=64, width=64)
+    single = train_toy_vae.WorldClips(world, 2, 0, 32)
+    many = train_toy_vae.WorldClips(world, 2, 0, 32, crops=3)
+    full = train_toy_vae.WorldClips(world, 2, 0)[1]
+    windows = many[1]
+    assert windows.shape == (3, 3, 5, 32, 32) and torch.equal(windows[0], single[1])  # the first is crops=1's window
+    for w in windows:
+        assert any(torch.equal(full[:, :, y : y + 32, x : x + 32], w) for y in range(33) for x in range(33))
+    # training with 2 windows per clip: batch 2 = one clip per step
+    out = tmp_path / "k2"
+    assert train_toy_vae.main(["--out", str(out), "--smoke", "batch_size=2", "crop=32", "crops_per_clip=2"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["complete"] is True
+    assert train_toy_vae.main(["--out", str(tmp_path / "bad"), "--smoke", "batch_size=3", "crops_per_clip=2"]) == 1
+
+
+def test_train_toy_vae_init_from_an_export(tmp_path):
+    assert train_toy_vae.main(["--out", str(tmp_path / "a"), "--smoke", "export_dtype=fp32"]) == 0
+    exported = tmp_path / "a" / "vae"
+    # steps=0: no training, so the new export must equal the one it started from
+    assert (
+        train_toy_vae.main(
+            ["--out", str(tmp_path / "b"), "--smoke", f"init_from={exported}", "steps=0", "export_dtype=fp32"]
+        )
+        == 0
+    )
+    a = load_file(exported / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "b" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    wrong = ["--out", str(tmp_path / "c"), "--smoke", f"init_from={exported}", "vae.base_dim=8"]
+    assert train_toy_vae.main(wrong) == 1  # another architecture: a clear error, not a partial load
+    assert train_toy_vae.main(["--out", str(tmp_path / "d"), "--smoke", f"init_from={tmp_path}"]) == 1
 
 
 def test_train_toy_vae_export_on_stop_and_bad_crop(tmp_path):

@@ -76,6 +76,7 @@ class WorldConfig:
     max_yaw_deg: float = 40.0  # facing direction for non-walking motions (walk: 45..90 degrees)
     camera_pitch: float = 0.2  # how much nearer points are drawn lower (sin of the look-down angle)
     marker_radius: int = 1  # markers are (2r+1)^2 squares
+    supersample: int = 2  # render at s x the size and average s x s blocks (anti-aliased edges); 1 = hard edges
     hands: bool = True
 
 
@@ -88,6 +89,8 @@ def load_world_config(path: str | Path | None = None, **overrides) -> WorldConfi
     config = WorldConfig(**OmegaConf.to_container(cfg))
     if (config.num_frames - 1) % 4 or config.num_frames < 1:
         raise ValueError(f"num_frames must be 1 + 4k (the VAE's temporal layout), got {config.num_frames}")
+    if config.supersample < 1:
+        raise ValueError(f"supersample must be >= 1 (1 = no anti-aliasing), got {config.supersample}")
     return config
 
 
@@ -723,14 +726,24 @@ def generate_sample(config: WorldConfig, seed: int, draw_pose: bool = True) -> S
     hand_score = ((hands > -0.5) & (hands < np.array([w, h]) - 0.5)).all(-1) & (score[:, [7, 4], None] > 0)
     hand_score &= cfg.hands
 
-    # RGB: the wall and floor seen by the camera, a contact shadow, the figure, then the markers on top.
-    u = (np.arange(w) - (w - 1) / 2)[None, None, :] / cam.scale[:, None, None] + cam.cx[:, None, None]
-    v = (np.arange(h) - (h - 1) / 2)[None, :, None] / cam.scale[:, None, None] + cam.cy[:, None, None]
+    # RGB: the wall and floor seen by the camera, a contact shadow and the figure, rendered at `ss` times the
+    # size and box-filtered down (pixel i of the output covers samples ss*i .. ss*i + ss - 1, whose centres
+    # average to ss*i + (ss - 1)/2), then the markers on top at the output size, in their exact colours.
+    ss = cfg.supersample
+    hs, ws, scale = h * ss, w * ss, cam.scale * ss
+    u = (np.arange(ws) - (ws - 1) / 2)[None, None, :] / scale[:, None, None] + cam.cx[:, None, None]
+    v = (np.arange(hs) - (hs - 1) / 2)[None, :, None] / scale[:, None, None] + cam.cy[:, None, None]
     video, wall_kind, (wall_color, _) = _background(rng, u, v, cam.zoom)  # u [F, 1, W], v [F, H, 1]
     pelvis_x = world[:, [8, 11], 0].mean(1)
     shadow = ((u - pelvis_x[:, None, None]) / 0.2) ** 2 + (v / 0.04) ** 2 <= 1  # [F, H, W]
     video[shadow] = np.rint(video[shadow] * 0.75 + 64 * 0.25).astype(np.uint8)
-    _render_figure(video, fig, px, depth, hands, cam.scale)
+    _render_figure(video, fig, px * ss + (ss - 1) / 2, depth, hands * ss + (ss - 1) / 2, scale)
+    if ss > 1:
+        total = np.full((f, h, w, 3), ss * ss // 2, dtype=np.uint32)  # rounds the mean to nearest
+        for dy in range(ss):
+            for dx in range(ss):
+                total += video[:, dy::ss, dx::ss]
+        video = (total // (ss * ss)).astype(np.uint8)
     _draw_markers(video, px, score, cfg.marker_radius)
 
     size = np.array([w, h], dtype=np.float64)
