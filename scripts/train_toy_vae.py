@@ -43,7 +43,7 @@ from tqdm import tqdm  # noqa: E402
 from utils.dist import all_reduce_mean, average_gradients, barrier, destroy, init_distributed  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
 from utils.safetensors_io import load_file  # noqa: E402
-from utils.synthetic_pose import WorldConfig, generate_sample, load_world_config, pixel_regions  # noqa: E402
+from utils.synthetic_pose import MARKER_COLORS, WorldConfig, generate_sample, load_world_config, pixel_regions  # noqa: E402
 from utils.wan_vae_parallel import decode, encode_moments  # noqa: E402
 
 logger = logging.getLogger("train_toy_vae")
@@ -167,10 +167,35 @@ def init_weights(vae: AutoencoderKLWan, path: Path) -> None:
     logger.info("initialised the VAE from %s (%d tensors)", file, len(weights))
 
 
+def marker_mask(video: torch.Tensor) -> torch.Tensor:
+    """video [B, 3, F, H, W] in [-1, 1] -> bool [B, 1, F, H, W]: pixels in a joint-marker colour of the world."""
+    v8 = ((video + 1) * 127.5).round()
+    colors = torch.as_tensor(MARKER_COLORS, dtype=v8.dtype, device=v8.device)
+    mask = torch.zeros_like(v8[:, :1], dtype=torch.bool)
+    for c in colors:
+        mask |= (v8 == c.view(1, 3, 1, 1, 1)).all(1, keepdim=True)
+    return mask
+
+
+def weighted_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum(weight * x) / sum(weight), weight broadcast over x's channel dim (x [B, C, ...], weight [B, 1, ...])."""
+    return (weight * x).sum() / (weight.sum() * x.shape[1])
+
+
 def vae_loss(
-    vae: AutoencoderKLWan, video: torch.Tensor, kl_weight: float, amp: torch.dtype | None = None
+    vae: AutoencoderKLWan,
+    video: torch.Tensor,
+    kl_weight: float,
+    amp: torch.dtype | None = None,
+    l1_weight: float = 1.0,
+    mse_weight: float = 1.0,
+    marker_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict]:
-    """video [B, 3, F, H, W] in [-1, 1] -> loss and its parts (the network under autocast to `amp` if given)."""
+    """video [B, 3, F, H, W] in [-1, 1] -> loss and its parts (the network under autocast to `amp` if given).
+
+    loss = l1_weight * L1 + mse_weight * MSE + kl_weight * KL, where pixels of the joint markers count
+    `marker_weight` times in L1 and MSE (a weighted mean; the logged parts are the plain means).
+    """
     # the whole-clip forward (utils.wan_vae_parallel): equal to vae.encode / vae.decode, without their per-chunk
     # kernel launches (those made training launch-bound: ~3 steps/s for any model size)
     with torch.autocast(video.device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -181,9 +206,15 @@ def vae_loss(
     recon, posterior.mean, posterior.var, posterior.logvar = (
         t.float() for t in (recon, posterior.mean, posterior.var, posterior.logvar)
     )
-    l1, mse = (recon - video).abs().mean(), (recon - video).pow(2).mean()
+    err = recon - video
+    l1, mse = err.abs().mean(), err.pow(2).mean()
+    if marker_weight != 1.0:
+        weight = 1.0 + (marker_weight - 1.0) * marker_mask(video).float()  # [B, 1, F, H, W]
+        fit = l1_weight * weighted_mean(err.abs(), weight) + mse_weight * weighted_mean(err.pow(2), weight)
+    else:
+        fit = l1_weight * l1 + mse_weight * mse
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
-    return l1 + mse + kl_weight * kl, {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
+    return fit + kl_weight * kl, {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -321,7 +352,15 @@ def run(args: argparse.Namespace) -> int:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         video = video.flatten(0, 1) if video.ndim == 6 else video  # [clips, crops, ...] -> [batch, ...]
-        loss, parts = vae_loss(vae, video.to(device, non_blocking=True), cfg.kl_weight, amp)
+        loss, parts = vae_loss(
+            vae,
+            video.to(device, non_blocking=True),
+            cfg.kl_weight,
+            amp,
+            cfg.l1_weight,
+            cfg.mse_weight,
+            cfg.marker_weight,
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(vae.parameters())

@@ -205,6 +205,20 @@ def test_train_toy_vae_init_from_an_export(tmp_path):
     assert train_toy_vae.main(["--out", str(tmp_path / "d"), "--smoke", f"init_from={tmp_path}"]) == 1
 
 
+def test_toy_vae_marker_weighting():
+    clip = train_toy_vae.WorldClips(load_world_config(num_frames=5), 1, 3)[0][None]  # [1, 3, F, H, W]
+    mask = train_toy_vae.marker_mask(clip)
+    regions = pixel_regions(train_toy_vae.to_uint8(clip[0]))
+    assert mask.shape == (1, 1, 5, 128, 128) and mask.sum() > 50
+    assert np.array_equal(mask[0, 0].numpy(), regions["marker"])
+    err = torch.rand(1, 3, 5, 128, 128, dtype=torch.float64)
+    w = 1.0 + 9.0 * mask.double()
+    m, n = mask.expand_as(err), (~mask).expand_as(err)
+    expected = (10 * err[m].sum() + err[n].sum()) / (10 * m.sum() + n.sum())
+    torch.testing.assert_close(train_toy_vae.weighted_mean(err, w), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(train_toy_vae.weighted_mean(err, torch.ones_like(w)), err.mean(), rtol=1e-12, atol=0)
+
+
 def test_train_toy_vae_export_on_stop_and_bad_crop(tmp_path):
     assert train_toy_vae.main(["--out", str(tmp_path), "--smoke", "max_minutes=0", "export_on_stop=true"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
