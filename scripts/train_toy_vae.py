@@ -144,13 +144,69 @@ def build_vae(cfg: DictConfig) -> AutoencoderKLWan:
     return vae
 
 
+def _res_blocks_of(weights: dict) -> int:
+    """num_res_blocks of a Wan VAE state dict (the decoder's first up block holds num_res_blocks + 1 resnets)."""
+    prefix = "decoder.up_blocks.0.resnets."
+    return len({k[len(prefix) :].split(".")[0] for k in weights if k.startswith(prefix)}) - 1
+
+
+def _encoder_layout(levels: int, n: int) -> tuple[dict, dict]:
+    """Flat indices of encoder.down_blocks: {(level, j): index} of the resblocks, {level: index} of the resamples."""
+    res, resample, i = {}, {}, 0
+    for level in range(levels):
+        for j in range(n):
+            res[level, j], i = i, i + 1
+        if level < levels - 1:
+            resample[level], i = i, i + 1
+    return res, resample
+
+
+def grow_res_blocks(weights: dict, vae: AutoencoderKLWan) -> tuple[dict, list[str]]:
+    """Map a state dict with fewer res blocks per level onto `vae` (more per level): every trained block keeps its
+    place, the extra ones keep `vae`'s fresh weights with their last conv zeroed, so they start as the identity
+    (x + 0) and the grown network computes exactly what the source computed. Returns the new state dict and the
+    prefixes of the new blocks."""
+    levels, n_new, n_old = len(vae.config.dim_mult), vae.config.num_res_blocks, _res_blocks_of(weights)
+    old_res, old_resample = _encoder_layout(levels, n_old)
+    new_res, new_resample = _encoder_layout(levels, n_new)
+    rename = {f"encoder.down_blocks.{old_res[key]}.": f"encoder.down_blocks.{new_res[key]}." for key in old_res}
+    rename.update(
+        {f"encoder.down_blocks.{old_resample[v]}.": f"encoder.down_blocks.{new_resample[v]}." for v in old_resample}
+    )
+    out = {}
+    for k, v in weights.items():
+        if k.startswith("encoder.down_blocks."):
+            head = ".".join(k.split(".")[:3]) + "."
+            k = rename[head] + k[len(head) :]
+        out[k] = v
+    fresh = vae.state_dict()
+    added = [f"encoder.down_blocks.{new_res[lv, j]}." for lv in range(levels) for j in range(n_old, n_new)]
+    added += [f"decoder.up_blocks.{lv}.resnets.{j}." for lv in range(levels) for j in range(n_old + 1, n_new + 1)]
+    for prefix in added:
+        for k, v in fresh.items():
+            if k.startswith(prefix):
+                out[k] = torch.zeros_like(v) if k.startswith(prefix + "conv2.") else v.clone()
+    return out, added
+
+
 def init_weights(vae: AutoencoderKLWan, path: Path) -> None:
     """Load an exported VAE (a folder with diffusion_pytorch_model.safetensors, or that file) into `vae`:
-    strict, with the missing and unexpected keys named when they differ."""
+    strict, with the missing and unexpected keys named when they differ. A source with fewer res blocks per
+    level (vae.num_res_blocks) is grown into `vae` (grow_res_blocks: the new blocks start as the identity)."""
     file = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
     if not file.exists():
         raise ValueError(f"init_from={str(path)!r}: no {file.name} there; point it at an exported OUT/vae folder")
     weights = load_file(file)
+    n_old, n_new = _res_blocks_of(weights), vae.config.num_res_blocks
+    if 1 <= n_old < n_new:
+        weights, added = grow_res_blocks(weights, vae)
+        logger.info(
+            "grew %s from %d to %d res blocks per level: %d new blocks start as the identity",
+            file,
+            n_old,
+            n_new,
+            len(added),
+        )
     own = vae.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or unexpected:
@@ -295,6 +351,11 @@ def run(args: argparse.Namespace) -> int:
             f"batch_size={cfg.batch_size} must be divisible by ranks x crops_per_clip "
             f"({info.world_size} x {cfg.crops_per_clip})"
         )
+    if cfg.compile not in (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs"):
+        raise ValueError(
+            f"compile={cfg.compile!r}: use null (eager), default, reduce-overhead (CUDA graphs: fixed shapes, fewer "
+            "kernel launches) or max-autotune-no-cudagraphs"
+        )
     if cfg.crops_per_clip > 1 and cfg.crop is None:
         raise ValueError("crops_per_clip > 1 needs crop (a window size); set crop=64 or crops_per_clip=1")
     if cfg.crop is not None and not (8 <= cfg.crop <= min(cfg.height, cfg.width) and cfg.crop % 8 == 0):
@@ -342,6 +403,8 @@ def run(args: argparse.Namespace) -> int:
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
     )
+    # torch.compile of the whole training forward (dynamic=False: every step has the same shapes)
+    loss_fn = vae_loss if cfg.compile is None else torch.compile(vae_loss, mode=cfg.compile, dynamic=False)
     quick_eval = WorldClips(world, min(4, cfg.eval_clips), HELD_OUT_SEED)  # whole frames, training length
     start = time.perf_counter()
     bar = tqdm(loader, total=cfg.steps, initial=first, desc="train", unit="step", disable=not sys.stderr.isatty())
@@ -352,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         video = video.flatten(0, 1) if video.ndim == 6 else video  # [clips, crops, ...] -> [batch, ...]
-        loss, parts = vae_loss(
+        loss, parts = loss_fn(
             vae,
             video.to(device, non_blocking=True),
             cfg.kl_weight,

@@ -65,6 +65,25 @@ def test_bad_config_is_rejected():
         load_world_config(bogus=1)
 
 
+def test_supersampling_is_a_box_filter_of_the_larger_render():
+    """supersample=2 at 64x64 equals the 128x128 hard-edged render of the same seed averaged over 2x2 blocks (the
+    same camera, figure and background), away from the markers, which are drawn afterwards at the output size;
+    the keypoints do not depend on it."""
+    small = generate_sample(load_world_config(num_frames=5, height=64, width=64, supersample=2), 11, draw_pose=False)
+    large = generate_sample(load_world_config(num_frames=5, height=128, width=128, supersample=1), 11, draw_pose=False)
+    hard = generate_sample(load_world_config(num_frames=5, height=64, width=64, supersample=1), 11, draw_pose=False)
+    np.testing.assert_array_equal(small.keypoints.body, hard.keypoints.body)
+    blocks = large.video.reshape(5, 64, 2, 64, 2, 3).astype(np.int64)
+    expected = (blocks.sum((2, 4)) + 2) // 4
+    near = pixel_regions(small.video)["marker"] | pixel_regions(hard.video)["marker"]
+    near |= pixel_regions(large.video)["marker"].reshape(5, 64, 2, 64, 2).any((2, 4))
+    for axis in (1, 2):  # a marker's anti-aliased neighbours: one more pixel around
+        near |= np.roll(near, 1, axis) | np.roll(near, -1, axis)
+    assert near.mean() < 0.2
+    np.testing.assert_array_equal(small.video[~near], expected[~near])
+    assert (small.video != hard.video).any(-1).mean() > 0.05  # anti-aliasing changed the edges
+
+
 def test_generation_is_fast(world):
     generate_sample(world, 100)
     times = []
@@ -217,6 +236,62 @@ def test_toy_vae_marker_weighting():
     expected = (10 * err[m].sum() + err[n].sum()) / (10 * m.sum() + n.sum())
     torch.testing.assert_close(train_toy_vae.weighted_mean(err, w), expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(train_toy_vae.weighted_mean(err, torch.ones_like(w)), err.mean(), rtol=1e-12, atol=0)
+
+
+def test_toy_vae_grows_res_blocks_as_identity(tmp_path):
+    """init_from a 1-res-block export into a 2-res-block VAE: the grown network computes the same encode and
+    decode (float64, exactly: the new blocks add a zero residual), and it has more parameters to train."""
+    base = ["vae.base_dim=8"]
+    small_cfg = train_toy_vae.load_config(train_toy_vae.ROOT / "configs/toy/vae.yaml", base, smoke=True)
+    torch.manual_seed(0)
+    small = train_toy_vae.build_vae(small_cfg)
+    with torch.no_grad():  # non-trivial weights everywhere (the logvar init zeroes part of quant_conv)
+        for p in small.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    small.save_pretrained(tmp_path / "small")
+    big_cfg = train_toy_vae.load_config(
+        train_toy_vae.ROOT / "configs/toy/vae.yaml", base + ["vae.num_res_blocks=2"], smoke=True
+    )
+    big = train_toy_vae.build_vae(big_cfg)
+    train_toy_vae.init_weights(big, tmp_path / "small")
+    assert sum(p.numel() for p in big.parameters()) > 1.3 * sum(p.numel() for p in small.parameters())
+    small, big = small.double(), big.double()
+    video = torch.rand(1, 3, 5, 32, 32, dtype=torch.float64) * 2 - 1
+    moments = train_toy_vae.encode_moments(small, video)
+    assert torch.equal(train_toy_vae.encode_moments(big, video), moments)
+    z = moments[:, : small_cfg.vae.z_dim]
+    assert torch.equal(train_toy_vae.decode(big, z), train_toy_vae.decode(small, z))
+    with pytest.raises(ValueError, match="does not fit"):  # shrinking is not supported
+        train_toy_vae.init_weights(train_toy_vae.build_vae(small_cfg), _export(big, tmp_path / "big"))
+
+
+@pytest.mark.slow
+def test_toy_vae_compiled_loss_matches_eager(tmp_path):
+    """compile=default: the compiled training forward gives the eager loss and gradients (the posterior noise is
+    made negligible, as inductor draws its own random numbers)."""
+    cfg = train_toy_vae.load_config(
+        train_toy_vae.ROOT / "configs/toy/vae.yaml", ["vae.base_dim=8", "vae.init_logvar=-40"], smoke=True
+    )
+    torch.manual_seed(0)
+    vae = train_toy_vae.build_vae(cfg)
+    video = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    results = []
+    for fn in (train_toy_vae.vae_loss, torch.compile(train_toy_vae.vae_loss, dynamic=False)):
+        vae.zero_grad()
+        loss, parts = fn(vae, video, 1e-6, None, 0.5, 1.0, 3.0)
+        loss.backward()
+        results.append((loss.detach(), parts["mse"], [p.grad.clone() for p in vae.parameters()]))
+    (l_eager, mse_eager, g_eager), (l_comp, mse_comp, g_comp) = results
+    torch.testing.assert_close(l_comp, l_eager, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mse_comp, mse_eager, rtol=1e-4, atol=1e-7)
+    for a, b in zip(g_comp, g_eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    assert train_toy_vae.main(["--out", str(tmp_path), "--smoke", "compile=fast"]) == 1
+
+
+def _export(vae, folder):
+    vae.float().save_pretrained(folder)
+    return folder
 
 
 def test_train_toy_vae_export_on_stop_and_bad_crop(tmp_path):

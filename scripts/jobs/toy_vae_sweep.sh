@@ -4,6 +4,8 @@
 #   bash scripts/jobs/toy_vae_sweep.sh OUT_DIR "name1 key=val ..." "name2 key=val ..." ...
 # Each variant writes OUT_DIR/<name>/ (train_state.pt, vae/, metrics.json) and OUT_DIR/<name>.log; a rerun with
 # the same OUT_DIR resumes every variant. Extra keys for all variants go in SWEEP_ARGS (e.g. max_minutes=7.5).
+# With PACK=DIR, the exports, metrics and logs of all variants are packed to DIR/<basename OUT_DIR>.tar.?? in
+# 15 MB parts (a device call brings back few, small files); unpack with: cat DIR/NAME.tar.* | tar xf -
 set -u
 out=$1; shift
 mkdir -p "$out"
@@ -25,4 +27,9 @@ for spec in "$@"; do
   read -r name _ <<<"$spec"
   echo "== $name"; tail -n 4 "$out/$name.log"
 done
+if [ -n "${PACK:-}" ]; then
+  mkdir -p "$PACK"
+  (cd "$out" && tar cf - ./*.log ./*/metrics.json ./*/vae 2>/dev/null) | split -b 15M - "$PACK/$(basename "$out").tar."
+  ls -l "$PACK"
+fi
 exit $rc
