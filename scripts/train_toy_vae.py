@@ -43,7 +43,13 @@ from tqdm import tqdm  # noqa: E402
 from utils.dist import all_reduce_mean, average_gradients, barrier, destroy, init_distributed  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
 from utils.safetensors_io import load_file  # noqa: E402
-from utils.synthetic_pose import MARKER_COLORS, WorldConfig, generate_sample, load_world_config, pixel_regions  # noqa: E402
+from utils.synthetic_pose import (  # noqa: E402
+    MARKER_COLORS,
+    WorldConfig,
+    generate_sample,
+    load_world_config,
+    pixel_regions,
+)
 from utils.wan_vae_parallel import decode, encode_moments  # noqa: E402
 
 logger = logging.getLogger("train_toy_vae")
@@ -225,12 +231,10 @@ def init_weights(vae: AutoencoderKLWan, path: Path) -> None:
 
 def marker_mask(video: torch.Tensor) -> torch.Tensor:
     """video [B, 3, F, H, W] in [-1, 1] -> bool [B, 1, F, H, W]: pixels in a joint-marker colour of the world."""
-    v8 = ((video + 1) * 127.5).round()
-    colors = torch.as_tensor(MARKER_COLORS, dtype=v8.dtype, device=v8.device)
-    mask = torch.zeros_like(v8[:, :1], dtype=torch.bool)
-    for c in colors:
-        mask |= (v8 == c.view(1, 3, 1, 1, 1)).all(1, keepdim=True)
-    return mask
+    pack = torch.tensor([65536, 256, 1], dtype=torch.int32, device=video.device).view(1, 3, 1, 1, 1)
+    code = (((video + 1) * 127.5).round().to(torch.int32) * pack).sum(1, keepdim=True)  # one int per colour
+    markers = torch.as_tensor(MARKER_COLORS.astype(np.int32) @ np.array([65536, 256, 1], np.int32), device=video.device)
+    return torch.isin(code, markers)
 
 
 def weighted_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -344,12 +348,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"export_dtype={cfg.export_dtype!r}: use fp32, fp16 or bf16")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("config asks for device cuda but no GPU is visible; pass device=cpu (slow) or --smoke")
-    if cfg.batch_size % info.world_size:
-        raise ValueError(f"batch_size={cfg.batch_size} (global) must be divisible by the {info.world_size} ranks")
     if cfg.batch_size % (info.world_size * cfg.crops_per_clip):
         raise ValueError(
-            f"batch_size={cfg.batch_size} must be divisible by ranks x crops_per_clip "
-            f"({info.world_size} x {cfg.crops_per_clip})"
+            f"batch_size={cfg.batch_size} (global) must be divisible by the {info.world_size} rank(s) x "
+            f"crops_per_clip={cfg.crops_per_clip}"
         )
     if cfg.compile not in (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs"):
         raise ValueError(
