@@ -19,6 +19,7 @@ and OUT/metrics.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -44,7 +45,8 @@ from utils.dist import all_reduce_mean, average_gradients, barrier, destroy, ini
 from utils.metrics import psnr  # noqa: E402
 from utils.safetensors_io import load_file  # noqa: E402
 from utils.synthetic_pose import (  # noqa: E402
-    MARKER_COLORS,
+    COLOR_PACK,
+    MARKER_CODES,
     WorldConfig,
     generate_sample,
     load_world_config,
@@ -231,10 +233,15 @@ def init_weights(vae: AutoencoderKLWan, path: Path) -> None:
 
 def marker_mask(video: torch.Tensor) -> torch.Tensor:
     """video [B, 3, F, H, W] in [-1, 1] -> bool [B, 1, F, H, W]: pixels in a joint-marker colour of the world."""
-    pack = torch.tensor([65536, 256, 1], dtype=torch.int32, device=video.device).view(1, 3, 1, 1, 1)
-    code = (((video + 1) * 127.5).round().to(torch.int32) * pack).sum(1, keepdim=True)  # one int per colour
-    markers = torch.as_tensor(MARKER_COLORS.astype(np.int32) @ np.array([65536, 256, 1], np.int32), device=video.device)
-    return torch.isin(code, markers)
+    rgb = ((video + 1) * 127.5).round().to(torch.int32)
+    code = rgb[:, :1] * int(COLOR_PACK[0]) + rgb[:, 1:2] * int(COLOR_PACK[1]) + rgb[:, 2:]  # as COLOR_PACK packs
+    return torch.isin(code, _marker_codes(video.device))
+
+
+@functools.lru_cache
+def _marker_codes(device: torch.device) -> torch.Tensor:
+    """MARKER_CODES on `device`, made once (not a host-to-device copy every step)."""
+    return torch.as_tensor(MARKER_CODES, device=device)
 
 
 def weighted_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,8 @@ def _marker_palette() -> np.ndarray:
 
 
 MARKER_COLORS = _marker_palette()  # [20, 3]: marker colour of body joint k
+COLOR_PACK = np.array([1 << 16, 1 << 8, 1], dtype=np.int32)  # RGB uint8 -> one int per colour: rgb @ COLOR_PACK
+MARKER_CODES = MARKER_COLORS.astype(np.int32) @ COLOR_PACK  # [20]: the packed marker colours
 
 
 @dataclass
@@ -650,9 +652,8 @@ def pixel_regions(video: np.ndarray) -> dict[str, np.ndarray]:
     (the rest). They tell where a model's error sits, e.g. a VAE's reconstruction error."""
     if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
         raise ValueError(f"video must be uint8 [F, H, W, 3], got {video.dtype} {tuple(video.shape)}")
-    pack = np.array([1 << 16, 1 << 8, 1], dtype=np.int32)  # one int per colour
-    code = video.astype(np.int32) @ pack
-    marker = np.isin(code, MARKER_COLORS.astype(np.int32) @ pack)
+    code = video.astype(np.int32) @ COLOR_PACK
+    marker = np.isin(code, MARKER_CODES)
     h, w = code.shape[1:]
     padded = np.pad(code, ((0, 0), (1, 1), (1, 1)), mode="edge")
     edge = np.zeros_like(marker)
