@@ -3,6 +3,7 @@
     python scripts/toy_vae_probe.py pca                       # a linear baseline with the VAE's latent budget
     python scripts/toy_vae_probe.py detect --vae OUT/vae      # the exact joint detector on reconstructed clips
     python scripts/toy_vae_probe.py errors --vae OUT/vae      # where the reconstruction error sits
+    python scripts/toy_vae_probe.py heldout --vae assets/toy_vae   # the training script's held-out PSNR, re-measured
 
 pca: PCA with 16 components per 4x8x8x3 patch (one latent cell of the VAE: 16 channels for 4 frames of 8x8
 pixels), fitted on the patches of training clips and scored on held-out ones, PSNR overall and per region
@@ -11,11 +12,14 @@ detect: detect_markers on the VAE's reconstructions (posterior mean, diffusers' 
 share of visible markers found, median error, share within 2 px.
 errors: the squared error split by region x moving/static pixels, by frame position inside a latent chunk and by
 the clip's wall kind.
+heldout: the evaluation train_toy_vae.py runs before it exports (32 held-out clips x 81 frames x 128x128, PSNR
+overall and per region, per-channel latent statistics), on any exported VAE; --json writes it to a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -136,6 +140,23 @@ def errors(args: argparse.Namespace) -> None:
         )
 
 
+def heldout(args: argparse.Namespace) -> None:
+    cfg = train_toy_vae.load_config(train_toy_vae.ROOT / "configs" / "toy" / "vae.yaml", [], smoke=False)
+    world = load_world_config(num_frames=args.frames, height=cfg.height, width=cfg.width)
+    device = torch.device(args.device)
+    stats = train_toy_vae.evaluate(
+        _load(args.vae).to(device), train_toy_vae.WorldClips(world, args.clips, HELD_OUT), device
+    )
+    regions = ", ".join(
+        f"{k} {v['psnr']:.2f} dB ({100 * v['share_of_error']:.0f}% of error)" for k, v in stats["regions"].items()
+    )
+    print(f"held-out PSNR {stats['psnr']:.2f} dB on {args.clips} clips x {args.frames} frames ({regions})")
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps({"vae": str(args.vae), "clips": args.clips, "frames": args.frames, **stats}, indent=2)
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="probe", required=True)
@@ -143,13 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--train-clips", type=int, default=60)
     q.add_argument("--clips", type=int, default=30, help="held-out clips (17 frames; the first is dropped)")
     q.add_argument("--components", type=int, default=16)
-    for name, clips, frames in (("detect", 4, 33), ("errors", 12, 33)):
+    for name, clips, frames in (("detect", 4, 33), ("errors", 12, 33), ("heldout", 32, 81)):
         q = sub.add_parser(name, help=f"{name} probe of an exported VAE")
-        q.add_argument("--vae", type=Path, required=True, help="an exported OUT/vae folder")
+        q.add_argument("--vae", type=Path, required=True, help="an exported OUT/vae folder (or assets/toy_vae)")
         q.add_argument("--clips", type=int, default=clips)
         q.add_argument("--frames", type=int, default=frames)
+        if name == "heldout":
+            q.add_argument("--device", default="cpu", help="cpu or cuda")
+            q.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
     args = p.parse_args(argv)
-    {"pca": pca, "detect": detect, "errors": errors}[args.probe](args)
+    {"pca": pca, "detect": detect, "errors": errors, "heldout": heldout}[args.probe](args)
     return 0
 
 
