@@ -3,13 +3,17 @@
     python scripts/train_toy_vae.py --out runs/toy_vae [--config configs/toy/vae.yaml] [steps=3000 ...]
     python scripts/train_toy_vae.py --out /tmp/vae_smoke --smoke      # 2 CPU steps on tiny clips
     python scripts/train_toy_vae.py --out runs/toy_vae max_minutes=8   # stops at a checkpoint; rerun to resume
+    python scripts/train_toy_vae.py --out runs/next init_from=assets/toy_vae steps=6000   # another round
+
+The committed assets/toy_vae/ and the six rounds that made it: docs/results/toy_vae.md.
 
 Training state is saved every `save_every` steps to OUT/train_state.pt (atomically); a rerun with the same --out
 resumes exactly (clips and noise are functions of the step). With export_on_stop=true a run stopped by max_minutes
 also evaluates and exports the weights it has (metrics.json says "complete": false).
 
-Clips are generated on the fly (train seeds seed + i; held-out seeds from HELD_OUT_SEED). Loss: L1 + MSE
-reconstruction of a posterior sample plus kl_weight * KL. At the end the posterior means of the held-out
+Clips are generated on the fly (train seeds seed + i; held-out seeds from HELD_OUT_SEED). Loss: MSE (plus
+l1_weight * L1) of the reconstruction of a posterior sample, joint-marker pixels weighted marker_weight times, plus
+kl_weight * KL. At the end the posterior means of the held-out
 clips give per-channel latent mean/std (latents are normalised as (mu - mean) / std, as for Wan2.1) and
 the held-out PSNR of decode(mu). Writes OUT/vae/ (config.json with latents_mean/latents_std +
 diffusion_pytorch_model.safetensors, loadable with AutoencoderKLWan.from_pretrained), OUT/latent_stats.json
@@ -73,6 +77,7 @@ SMOKE = {
     "crops_per_clip": 1,
     "eval_frames": 9,
     "amp": None,
+    "compile": None,
     "device": "cpu",
 }
 
