@@ -9,8 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.self_forcing_rollout import block_conditions
-from trainer.objective import Objective, StepOutput, TrainContext, conditions
+from pipeline.conditions import block_conditions, conditions
+from trainer.objective import Objective, StepOutput, TrainContext
 from utils.scheduler import NUM_TRAIN_TIMESTEPS, add_noise, flow_target, shift_sigma
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.model import WanModel

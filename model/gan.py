@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.dmd import SelfForcing, frozen
-from trainer.objective import TrainContext, conditions
+from pipeline.conditions import conditions
+from trainer.objective import TrainContext
 from utils.scheduler import add_noise
 from wan.modules.model import WanModel
 

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.objective import Objective, StepOutput, TrainContext, conditions
+from pipeline.conditions import conditions
+from trainer.objective import Objective, StepOutput, TrainContext
 from utils.scheduler import flow_to_x0
 from wan.modules.causal_model import CausalWanModel
 

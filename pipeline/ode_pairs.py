@@ -23,8 +23,8 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from pipeline.causal_diffusion_inference import DEFAULT_STEPS, guided_flow
-from pipeline.self_forcing_rollout import block_conditions, latent_shape
-from trainer.objective import conditions
+from pipeline.conditions import block_conditions, cfg_conditions
+from pipeline.self_forcing_rollout import latent_shape
 from utils.dist import barrier
 from utils.safetensors_io import atomic_save_safetensors, atomic_write_text, load_file
 from utils.scheduler import add_noise, flow_to_noise, flow_to_x0, make_unipc_scheduler, unipc_grid
@@ -54,18 +54,6 @@ class ODEPairSettings:
     student_steps: tuple[float, ...] = field(default_factory=lambda: tuple(DEFAULT_STEPS))
     causal: bool = False
     seed: int = 0
-
-
-def cfg_conditions(model: WanModel, batch: dict[str, torch.Tensor], guidance: float) -> tuple[dict, dict | None]:
-    """(cond, uncond) model kwargs for cfg_flow, pose tokens computed once per clip. The unconditional branch
-    is the conditional one with the negative prompt and no pose tokens; CLIP and y (ref-pose map included)
-    stay, as UniAnimate-DiT samples and as PosePipeline does. guidance 1: no unconditional branch."""
-    cond = conditions(model, batch)
-    if guidance == 1.0:
-        return cond, None
-    if "neg_context" not in batch:
-        raise ValueError(f"guidance={guidance} needs batch['neg_context'] (the negative prompt's embeddings)")
-    return cond, {**cond, "context": batch["neg_context"], "add_condition": None}
 
 
 def cfg_flow(

@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from pipeline.conditions import block_conditions
 from utils.scheduler import add_noise, flow_to_x0
 from wan.modules.causal_model import CausalWanModel
-from wan.modules.pose import pose_tokens_for_frames
 
 # draw_noise(shape) -> standard normal of that shape (TrainContext.randn: per-sample streams).
 DrawNoise = Callable[..., torch.Tensor]
@@ -29,16 +29,6 @@ def latent_shape(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     else:
         raise ValueError(f"cannot size the generated clip: the batch has none of y, latents, pose ({sorted(batch)})")
     return b, model.out_dim, f, h, w
-
-
-def block_conditions(cond: dict, start: int, frames: int, tokens_per_frame: int) -> dict:
-    """The slice of whole-clip conditions (trainer.objective.conditions) for latent frames [start, start+frames)."""
-    out = dict(cond)
-    if cond.get("y") is not None:
-        out["y"] = cond["y"][:, :, start : start + frames]
-    if cond.get("add_condition") is not None:
-        out["add_condition"] = pose_tokens_for_frames(cond["add_condition"], start, frames, tokens_per_frame)
-    return out
 
 
 def check_exit(steps: Sequence[float], exit_index: int) -> None:

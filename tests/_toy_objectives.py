@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from trainer.objective import Objective, StepOutput, conditions
+from pipeline.conditions import conditions
+from trainer.objective import Objective, StepOutput
 from utils.scheduler import add_noise, flow_to_x0
 
 

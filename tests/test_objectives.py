@@ -15,7 +15,8 @@ from model.gan import FeatureDiscriminator, SelfForcingGAN, approx_r1_penalty, d
 from model.ode_regression import gather_states
 from model.sid import sid_loss
 from pipeline.causal_diffusion_inference import DEFAULT_STEPS
-from trainer.objective import Objective, TrainContext, conditions
+from pipeline.conditions import conditions
+from trainer.objective import Objective, TrainContext
 from utils.scheduler import add_noise
 from wan.configs import build_model
 

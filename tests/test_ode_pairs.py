@@ -10,6 +10,7 @@ from conftest import randomize, tiny_inputs, tiny_pose
 from torch.utils.data import Dataset
 
 from pipeline.causal_diffusion_inference import DEFAULT_STEPS
+from pipeline.conditions import conditions
 from pipeline.ode_pairs import (
     ODEPairDataset,
     ODEPairSettings,
@@ -22,7 +23,6 @@ from pipeline.ode_pairs import (
     sample_path,
     teacher_trajectory,
 )
-from trainer.objective import conditions
 from utils.scheduler import add_noise, unipc_grid
 from wan.checkpoint import save_weights
 from wan.configs import build_model

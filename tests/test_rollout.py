@@ -9,8 +9,9 @@ import torch
 from conftest import randomize, tiny_inputs, tiny_pose
 
 from pipeline.causal_diffusion_inference import DEFAULT_STEPS, Conditions, stream_latents
+from pipeline.conditions import conditions
 from pipeline.self_forcing_rollout import backward_simulation, latent_shape, self_forcing_rollout
-from trainer.objective import TrainContext, conditions
+from trainer.objective import TrainContext
 from wan.configs import build_model
 
 FRAMES, HEIGHT, WIDTH = 9, 2, 4  # three blocks of three latent frames

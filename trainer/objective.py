@@ -11,7 +11,8 @@ Batches are dicts of tensors (the dataset's collate output, already on the devic
   latents     [B, 16, F, H, W]     clean video latents (data stages), optional
   ode_latents [B, S, 16, F, H, W]  teacher ODE states at the student's timesteps, the last one clean (ODE stages)
   ode_t       [B, S]               the exact t of each ODE state
-Each network computes its own pose tokens from `pose` (teacher and student widths differ): see `conditions`.
+Each network computes its own pose tokens from `pose` (teacher and student widths differ): see
+pipeline.conditions.conditions.
 """
 
 from __future__ import annotations
@@ -115,26 +116,3 @@ class Objective:
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int, due: tuple[str, ...]) -> StepOutput:
         raise NotImplementedError
-
-
-def conditions(model: nn.Module, batch: dict[str, torch.Tensor], use_pose: bool = True) -> dict:
-    """The keyword conditioning of `model(x, t, **conditions)` from a batch: text, CLIP and y for i2v models,
-    pose tokens and the ref-pose map for pose models.
-
-    use_pose=False drops both pose inputs (tokens and ref-pose map): UniAnimate's training-time condition
-    dropout. CFG's unconditional branch is different on purpose and built in one place,
-    pipeline.ode_pairs.cfg_conditions: negative prompt, no pose tokens, ref-pose map kept (UniAnimate samples so).
-    """
-    out: dict[str, torch.Tensor | None] = {
-        "context": batch["context"],
-        "clip_fea": None,
-        "y": None,
-        "add_condition": None,
-    }
-    ref_map = None
-    if use_pose and getattr(model, "pose_dim", None) is not None and "pose" in batch:
-        out["add_condition"], ref_map = model.encode_pose(batch["pose"], batch.get("ref_pose"))
-    if getattr(model, "model_type", "t2v") == "i2v":
-        out["clip_fea"] = batch["clip_fea"]
-        out["y"] = batch["y"] if ref_map is None else batch["y"] + ref_map.to(batch["y"].dtype)
-    return out
