@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from tqdm import tqdm
 
 from pipeline.causal_diffusion_inference import (
     WAN_NEGATIVE_PROMPT,
@@ -18,7 +17,7 @@ from pipeline.causal_diffusion_inference import (
     TextEncoderFn,
     guided_flow,
 )
-from utils.scheduler import make_unipc_scheduler
+from utils.scheduler import solve_flow_ode
 from utils.wan_wrapper import WanVAE
 from wan.modules.model import WanModel
 
@@ -45,19 +44,17 @@ def sample_latents(
     Each step: flow_c = model(x, t, cond incl. pose tokens); with guidance_scale != 1 also flow_u =
     model(x, t, uncond without pose tokens) and flow = u + w (c - u). Deterministic for a seeded generator.
     """
-    device = cond.context.device
     if guidance_scale != 1.0 and uncond is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs the unconditional branch (uncond)")
-    scheduler = make_unipc_scheduler(num_steps, shift, device=device)
-    x = torch.randn(latent_shape, generator=generator, device=device, dtype=torch.float32)
-    for t in tqdm(scheduler.timesteps, desc="teacher steps", unit="step", disable=not progress, leave=False):
-        t_vec = t.to(device=device, dtype=torch.float32).expand(latent_shape[0])  # [B]
-        flow = model(x, t_vec, cond.context, cond.clip_fea, cond.y, cond.pose_tokens).float()
-        if guidance_scale != 1.0:
-            flow_u = model(x, t_vec, uncond.context, uncond.clip_fea, uncond.y, None)
-            flow = guided_flow(flow, flow_u, guidance_scale)
-        x = scheduler.step(flow, t, x, return_dict=False)[0]
-    return x
+
+    def flow_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        flow = model(x, t, cond.context, cond.clip_fea, cond.y, cond.pose_tokens).float()
+        if guidance_scale == 1.0:
+            return flow
+        return guided_flow(flow, model(x, t, uncond.context, uncond.clip_fea, uncond.y, None), guidance_scale)
+
+    x = torch.randn(latent_shape, generator=generator, device=cond.context.device, dtype=torch.float32)
+    return solve_flow_ode(flow_fn, x, num_steps, shift, "unipc", progress=progress, desc="teacher steps")[1]
 
 
 class TeacherPosePipeline(PosePipeline):

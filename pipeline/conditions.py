@@ -46,7 +46,8 @@ def cfg_conditions(model: nn.Module, batch: dict[str, torch.Tensor], guidance: f
 
 
 def block_conditions(cond: dict, start: int, frames: int, tokens_per_frame: int) -> dict:
-    """The slice of whole-clip conditions (from `conditions` or `cfg_conditions`) for latent frames [start, start+frames)."""
+    """The slice of whole-clip conditions (from `conditions` or `cfg_conditions`) for latent frames
+    [start, start + frames)."""
     out = dict(cond)
     if cond.get("y") is not None:
         out["y"] = cond["y"][:, :, start : start + frames]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from pipeline.conditions import block_conditions, cfg_conditions
 from pipeline.self_forcing_rollout import latent_shape
 from utils.dist import barrier
 from utils.safetensors_io import atomic_save_safetensors, atomic_write_text, load_file
-from utils.scheduler import add_noise, flow_to_noise, flow_to_x0, make_unipc_scheduler, unipc_grid
+from utils.scheduler import FlowFn, solve_flow_ode, unipc_grid
 from wan.modules.causal_model import CausalWanModel, KVCache
 from wan.modules.model import WanModel
 
@@ -37,10 +37,6 @@ FORMAT = "poseforcing-ode-pairs"
 MANIFEST = "manifest.json"
 COND_KEYS = ("context", "neg_context", "clip_fea", "y", "pose", "ref_pose")
 UINT8_KEYS = ("pose", "ref_pose")
-SOLVERS = ("unipc", "euler")
-
-# flow_fn(x [B, C, F, H, W], t [B]) -> flow: one guided network evaluation.
-FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -92,35 +88,16 @@ def capture_indices(grid_t: torch.Tensor, targets: Sequence[float]) -> list[int]
 def integrate(
     flow_fn: FlowFn, x: torch.Tensor, settings: ODEPairSettings
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Solve the flow ODE from x (noise at the grid's first t) to t = 0 on the official shifted grid.
+    """Solve the flow ODE from x (noise at the grid's first t) to t = 0 on the official shifted grid
+    (utils.scheduler.solve_flow_ode; flow_fn: one guided network evaluation).
 
     Returns (states at the student's timesteps, each [B, C, F, H, W], the clean end, their exact t [S] float64
-    including the final 0). UniPC: diffusers' solver, the network sees the grid's t truncated to int as in the
-    official sampler. Euler: x' = x + (sigma' - sigma) * flow, the network sees the float t.
+    including the final 0).
     """
-    if settings.solver not in SOLVERS:
-        raise ValueError(f"solver={settings.solver!r}: expected one of {SOLVERS}")
-    batch = x.shape[0]
     _, grid_t = unipc_grid(settings.num_steps, settings.shift)
     capture = capture_indices(grid_t, settings.student_steps)
     exact_t = torch.cat([grid_t[capture], torch.zeros(1, dtype=torch.float64)])
-    states = []
-    scheduler = None
-    if settings.solver == "unipc":
-        scheduler = make_unipc_scheduler(settings.num_steps, settings.shift, x.device)
-    for i in range(settings.num_steps):
-        if i in capture:
-            states.append(x.clone())
-        if scheduler is not None:
-            net_t = scheduler.timesteps[i]
-            flow = flow_fn(x, net_t.float().expand(batch))
-            x = scheduler.step(flow.float(), net_t, x).prev_sample
-        else:
-            t = grid_t[i].float().expand(batch).to(x.device)
-            flow = flow_fn(x, t).float()
-            t_next = grid_t[i + 1] if i + 1 < settings.num_steps else torch.zeros((), dtype=torch.float64)
-            # x0 and eps of the straight path re-noised to the next t: exactly x + (sigma' - sigma) * flow
-            x = add_noise(flow_to_x0(flow, x, t), flow_to_noise(flow, x, t), t_next.float().expand(batch).to(x.device))
+    states, x = solve_flow_ode(flow_fn, x, settings.num_steps, settings.shift, settings.solver, capture)
     return states, x, exact_t
 
 

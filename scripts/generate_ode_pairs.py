@@ -22,9 +22,10 @@ if __package__ in (None, ""):  # run as `python scripts/generate_ode_pairs.py`: 
 import torch  # noqa: E402
 
 from pipeline.causal_diffusion_inference import DEFAULT_STEPS  # noqa: E402
-from pipeline.ode_pairs import SOLVERS, ODEPairSettings, generate_ode_pairs  # noqa: E402
+from pipeline.ode_pairs import ODEPairSettings, generate_ode_pairs  # noqa: E402
 from trainer.data import SyntheticPoseDataset, TensorFolderDataset  # noqa: E402
 from utils.dist import barrier, destroy, init_distributed  # noqa: E402
+from utils.scheduler import SOLVERS  # noqa: E402
 from wan.checkpoint import load_pose_weights, load_weights  # noqa: E402
 from wan.configs import build_model, get_config  # noqa: E402
 

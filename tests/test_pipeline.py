@@ -21,6 +21,7 @@ from pipeline.causal_diffusion_inference import (
     image_condition,
     stream_latents,
 )
+from utils.scheduler import make_unipc_scheduler
 from utils.wan_wrapper import WanVAE
 from wan.configs import build_model
 
@@ -204,6 +205,17 @@ def test_teacher_cfg_with_pose_only_in_the_conditional_branch(vae):
     )
     assert rel_err(guided, sample_latents(teacher, clip.cond, shape, 3, 5.0, 1.0, None,
                                           torch.Generator().manual_seed(0))) > 1e-3  # fmt: skip
+    # The same sample from a plain loop over diffusers' UniPC on the official grid (the reference for the shared
+    # utils.scheduler.solve_flow_ode): the network sees the truncated int t, the solver its float sigmas.
+    scheduler = make_unipc_scheduler(3, 5.0)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            t_vec = t.float().expand(1)
+            c = teacher(x, t_vec, clip.cond.context, clip.cond.clip_fea, clip.cond.y, clip.cond.pose_tokens).float()
+            u = teacher(x, t_vec, clip.uncond.context, clip.uncond.clip_fea, clip.uncond.y, None).float()
+            x = scheduler.step(u + 2.0 * (c - u), t, x, return_dict=False)[0]
+    assert torch.allclose(guided, x, rtol=0, atol=1e-6)
     blocks = list(pipe.stream(clip, seed=0))
     assert len(blocks) == 1 and blocks[0].frames.shape == (1, 3, 9, HEIGHT, WIDTH)
     assert torch.equal(blocks[0].frames, pipe.generate(clip, seed=0))

@@ -6,11 +6,12 @@ eps - x0. Conversions run in float64 and return the input dtype.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler
+from tqdm import tqdm
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -90,9 +91,7 @@ def sample_timesteps(
         shape = (batch_size,)
     else:
         if num_frames % frames_per_block:
-            raise ValueError(
-                f"num_frames={num_frames} is not a multiple of frames_per_block={frames_per_block}"
-            )
+            raise ValueError(f"num_frames={num_frames} is not a multiple of frames_per_block={frames_per_block}")
         shape = (batch_size, num_frames // frames_per_block)
     u = torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
     t = (NUM_TRAIN_TIMESTEPS * shift_sigma(u, shift)).clamp(min_t, max_t)
@@ -138,3 +137,47 @@ def make_unipc_scheduler(
     # set_timesteps does numpy arithmetic on `sigmas`: it needs an array, not the list its signature names.
     scheduler.set_timesteps(sigmas=_official_unipc_base(num_steps), device=device)
     return scheduler
+
+
+SOLVERS = ("unipc", "euler")
+FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # flow_fn(x [B, ...], t [B]) -> flow eps - x0
+
+
+def solve_flow_ode(
+    flow_fn: FlowFn,
+    x: torch.Tensor,
+    num_steps: int,
+    shift: float,
+    solver: str = "unipc",
+    capture: Sequence[int] = (),
+    progress: bool = False,
+    desc: str = "ODE steps",
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Solve the flow ODE from x (noise at the official grid's first t) to t = 0 in `num_steps` steps.
+
+    Returns (the states before the steps whose indices are in `capture`, in order; the clean end). UniPC:
+    diffusers' solver (make_unipc_scheduler), the network sees the grid's t truncated to int as in the official
+    sampler. Euler: x' = x + (sigma' - sigma) * flow on the same grid, the network sees the float t.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r}: expected one of {SOLVERS}")
+    batch = x.shape[0]
+    states = []
+    if solver == "unipc":
+        scheduler = make_unipc_scheduler(num_steps, shift, x.device)
+    else:
+        scheduler, (_, grid_t) = None, unipc_grid(num_steps, shift)
+    for i in tqdm(range(num_steps), desc=desc, unit="step", disable=not progress, leave=False):
+        if i in capture:
+            states.append(x.clone())
+        if scheduler is not None:
+            net_t = scheduler.timesteps[i]
+            flow = flow_fn(x, net_t.float().expand(batch))
+            x = scheduler.step(flow.float(), net_t, x).prev_sample
+        else:
+            t = grid_t[i].float().expand(batch).to(x.device)
+            flow = flow_fn(x, t).float()
+            t_next = grid_t[i + 1] if i + 1 < num_steps else torch.zeros((), dtype=torch.float64)
+            # x0 and eps of the straight path re-noised to the next t: exactly x + (sigma' - sigma) * flow
+            x = add_noise(flow_to_x0(flow, x, t), flow_to_noise(flow, x, t), t_next.float().expand(batch).to(x.device))
+    return states, x
