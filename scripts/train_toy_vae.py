@@ -13,11 +13,10 @@ also evaluates and exports the weights it has (metrics.json says "complete": fal
 
 Clips are generated on the fly (train seeds seed + i; held-out seeds from HELD_OUT_SEED). Loss: MSE (plus
 l1_weight * L1) of the reconstruction of a posterior sample, joint-marker pixels weighted marker_weight times, plus
-kl_weight * KL. At the end the posterior means of the held-out
-clips give per-channel latent mean/std (latents are normalised as (mu - mean) / std, as for Wan2.1) and
-the held-out PSNR of decode(mu). Writes OUT/vae/ (config.json with latents_mean/latents_std +
-diffusion_pytorch_model.safetensors, loadable with AutoencoderKLWan.from_pretrained), OUT/latent_stats.json
-and OUT/metrics.json.
+kl_weight * KL. At the end the posterior means of the held-out clips give per-channel latent mean/std (latents are
+normalised as (mu - mean) / std, as for Wan2.1) and the held-out PSNR of decode(mu). Writes OUT/vae/ (config.json
+with latents_mean/latents_std + diffusion_pytorch_model.safetensors, loadable with
+AutoencoderKLWan.from_pretrained), OUT/latent_stats.json and OUT/metrics.json.
 """
 
 from __future__ import annotations
