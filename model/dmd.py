@@ -6,8 +6,6 @@ the critic-every-step / generator-every-k schedule."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,20 +35,6 @@ def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) 
 def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """0.5 * MSE(x, stopgrad(x - grad)): its gradient wrt x is grad / x.numel()."""
     return 0.5 * F.mse_loss(x.float(), (x.float() - grad.float()).detach())
-
-
-@contextmanager
-def frozen(module: nn.Module) -> Iterator[None]:
-    """Parameters that do not require grad inside the block (a network differentiated wrt its input only, whose
-    own optimizer must not see this loss's gradient), restored after."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 class DistributionMatching(Objective):

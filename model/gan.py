@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.dmd import SelfForcing, frozen
+from model.dmd import SelfForcing
 from pipeline.conditions import conditions
 from trainer.objective import TrainContext
 from utils.scheduler import add_noise
@@ -47,12 +47,17 @@ class FeatureDiscriminator(nn.Module):
             for i in self.layers
         ]
         try:
-            self.backbone(x, t, **cond)
+            out = self.backbone(x, t, **cond)
         finally:
             for hook in hooks:
                 hook.remove()
         # features [B, L, dim] -> head -> [B, L, 1] -> mean over tokens -> [B]
-        return sum(head(features[i].float()).mean(dim=(1, 2)) for i, head in zip(self.layers, self.heads, strict=True))
+        pairs = zip(self.layers, self.heads, strict=True)
+        logits = sum(head(features[i].float()).mean(dim=(1, 2)) for i, head in pairs)
+        # The backbone's output joins with weight 0: under FSDP2 the root's parameters are gathered again for a
+        # backward only through a hook on that output, and a later backward (the trainer runs one per role)
+        # would otherwise find them freed.
+        return logits + 0.0 * out.float().mean(dim=tuple(range(1, out.dim())))
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -112,8 +117,7 @@ class SelfForcingGAN(SelfForcing):
     def generator_loss(self, x: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         loss, logs = super().generator_loss(x, batch)
         x_t, t = self.score_inputs(x)
-        with frozen(self.roles["discriminator"]):
-            gan = generator_gan_loss(self.logits(x_t, t, batch))
+        gan = generator_gan_loss(self.logits(x_t, t, batch))  # discriminator grads dropped by the trainer
         logs["gan_generator"] = gan.detach()
         return loss + float(self.opts["gan_weight"]) * gan, logs
 

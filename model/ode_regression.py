@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.conditions import conditions
 from trainer.objective import Objective, StepOutput, TrainContext
@@ -51,11 +50,22 @@ class ODERegression(Objective):
             raise ValueError(f"ode_latents holds {s} state(s); it needs at least one noisy state and the clean end")
         n = model.num_frame_per_block
         blocks = -(-num_frames // n)
-        # One state per block and sample among the noisy ones (the clean end, t = 0, has nothing to learn).
-        index = (self.ctx.rand(b, blocks) * (s - 1)).long().clamp(max=s - 2)  # [B, blocks]
+        # One state per block and sample over every captured state, the clean end included: a block at t = 0 is
+        # the clean context that later blocks see at inference (CausVid / Self-Forcing); it has no loss.
+        index = (self.ctx.rand(b, blocks) * s).long().clamp(max=s - 1)  # [B, blocks]
         index = index.repeat_interleave(n, dim=1)[:, :num_frames].to(states.device)  # [B, F]
         x_t, t = gather_states(states, ode_t, index)
         flow = model(x_t, t, **conditions(model, batch))  # block-causal full-sequence forward
         x0 = flow_to_x0(flow.float(), x_t.float(), t)
-        loss = F.mse_loss(x0, states[:, -1].float())
-        return StepOutput({"generator": loss}, {"t_mean": t.float().mean()})
+        noisy = index < s - 1  # [B, F]
+        loss = masked_frame_mse(x0, states[:, -1].float(), noisy)
+        return StepOutput({"generator": loss}, {"t_mean": t.float().mean(), "clean_frames": 1 - noisy.float().mean()})
+
+
+def masked_frame_mse(pred: torch.Tensor, target: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """MSE over the frames where `frames` is true, 0 (with a graph) when none is.
+
+    pred, target [B, C, F, H, W], frames [B, F] bool -> scalar.
+    """
+    mask = frames[:, None, :, None, None].to(pred.dtype).expand_as(pred)
+    return ((pred - target).pow(2) * mask).sum() / mask.sum().clamp(min=1)

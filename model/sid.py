@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from model.dmd import DistributionMatching, frozen
+from model.dmd import DistributionMatching
 
 
 def sid_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -28,9 +28,10 @@ class SiD(DistributionMatching):
     }
 
     def generator_loss(self, x: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        x_t, t = self.score_inputs(x)  # x_t carries the generator's gradient into both scores
-        with frozen(self.roles["teacher"]), frozen(self.roles["critic"]):
-            real = self.real_x0(x_t, t, batch)
-            fake = self.fake_x0(x_t, t, batch)
+        # x_t carries the generator's gradient into both scores; the trainer keeps the critic's parameter
+        # gradient from this loss out of the critic's optimizer (trainer.trainer.backward_per_role).
+        x_t, t = self.score_inputs(x)
+        real = self.real_x0(x_t, t, batch)
+        fake = self.fake_x0(x_t, t, batch)
         loss = sid_loss(x, real, fake, float(self.opts["alpha"]))
         return loss, {"score_gap_abs": (real - fake).detach().abs().mean(), "t_mean": t.mean()}

@@ -10,14 +10,15 @@ from conftest import randomize, tiny_inputs, tiny_pose
 
 from model import REGISTRY
 from model.diffusion import dropout_conditions, teacher_forcing_flow, timesteps_from_uniform
-from model.dmd import dmd_gradient, dmd_loss, frozen
+from model.dmd import dmd_gradient, dmd_loss
 from model.gan import FeatureDiscriminator, SelfForcingGAN, approx_r1_penalty, discriminator_layers
 from model.ode_regression import gather_states
 from model.sid import sid_loss
 from pipeline.causal_diffusion_inference import DEFAULT_STEPS
 from pipeline.conditions import conditions
 from trainer.objective import Objective, TrainContext
-from utils.scheduler import add_noise
+from trainer.trainer import backward_per_role
+from utils.scheduler import add_noise, flow_to_x0
 from wan.configs import build_model
 
 FRAMES, HEIGHT, WIDTH = 6, 2, 4  # two blocks; pose frames 21 x 16 x 32
@@ -68,6 +69,10 @@ def make(stage: str, cfg: dict | None = None, ctx: TrainContext | None = None) -
     return cls(cfg or {}, tiny_roles(cls.required_roles), ctx)
 
 
+def role_params(objective: Objective) -> dict[str, list[torch.nn.Parameter]]:
+    return {r: [p for p in m.parameters() if p.requires_grad] for r, m in objective.roles.items()}
+
+
 def train(
     objective: Objective, batch: dict, iterations: int, lr: float, betas=(0.0, 0.999), steps_roles=None
 ) -> dict[str, list[float]]:
@@ -85,9 +90,8 @@ def train(
         assert set(out.losses) == set(due), (it, due, sorted(out.losses))
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
-        total = sum(out.losses[r] for r in due)
-        assert torch.isfinite(total)
-        total.backward()
+        assert all(torch.isfinite(out.losses[r]) for r in due)
+        backward_per_role({r: out.losses[r] for r in due}, role_params(objective))
         for r in due:
             history.setdefault(r, []).append(float(out.losses[r].detach()))
             if steps_roles is None or r in steps_roles:
@@ -152,6 +156,32 @@ def test_sid_loss_formula_and_gradient():
     assert torch.allclose(x.grad.double(), -(r - f) / (norm * x.numel()), rtol=1e-5, atol=1e-9)
 
 
+def test_ode_init_draws_the_clean_state_as_context_with_no_loss():
+    """Blocks at the clean end of the trajectory occur (the clean context inference sees), and the loss is the
+    MSE over the other blocks' frames only, recomputed here from the same draws."""
+    objective = make("ode_init")
+    model, batch = objective.roles["generator"], tiny_batch()
+    states, ode_t = batch["ode_latents"], batch["ode_t"]
+    s, n = states.shape[1], model.num_frame_per_block
+    seen_clean = 0
+    for it in range(12):
+        objective.ctx.begin_step(it, [0])
+        with torch.no_grad():
+            out = objective.train_step(batch, it, ("generator",))
+        objective.ctx.begin_step(it, [0])
+        index = (objective.ctx.rand(1, FRAMES // n) * s).long().clamp(max=s - 1).repeat_interleave(n, dim=1)
+        x_t, t = gather_states(states, ode_t, index)
+        noisy = (index < s - 1)[0]
+        seen_clean += int((~noisy).sum()) // n
+        assert torch.equal(t[0, ~noisy], torch.zeros(int((~noisy).sum()), dtype=t.dtype))
+        with torch.no_grad():
+            x0 = flow_to_x0(model(x_t, t, **conditions(model, batch)).double(), x_t.double(), t)
+        err = (x0 - states[:, -1].double())[:, :, noisy]
+        expected = err.pow(2).mean() if noisy.any() else torch.zeros((), dtype=torch.float64)
+        assert float(out.losses["generator"]) == pytest.approx(float(expected), rel=1e-4, abs=1e-7)
+    assert seen_clean >= 2  # 24 block draws, each clean with probability 1/5
+
+
 def test_timesteps_from_uniform_formula():
     u = torch.tensor([0.0, 0.001, 0.25, 0.5, 0.999])
     expected = [min(max(1000 * 5 * v / (1 + 4 * v), 20), 980) for v in u.double().tolist()]
@@ -179,15 +209,25 @@ def test_discriminator_layers_and_r1():
     assert estimate.item() == pytest.approx(float(0.5 * (eps @ w).pow(2).mean()), rel=1e-4)
 
 
-def test_frozen_restores_flags_and_blocks_gradient():
-    model = torch.nn.Linear(2, 1)
-    model.bias.requires_grad_(False)
-    x = torch.randn(4, 2, requires_grad=True)
-    with frozen(model):
-        y = model(x).sum()
-    y.backward()
-    assert model.weight.grad is None and x.grad is not None
-    assert model.weight.requires_grad and not model.bias.requires_grad
+def test_backward_per_role_keeps_each_loss_in_its_own_role():
+    """A generator loss through the critic (differentiated wrt its input) leaves the critic's gradient as the
+    critic's own loss alone made it; plain backward of the sum would add the generator loss's share."""
+    gen, critic = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    losses = {"generator": critic(gen(x)).pow(2).mean(), "critic": critic(gen(x).detach()).mean()}
+    params = {"generator": list(gen.parameters()), "critic": list(critic.parameters())}
+    backward_per_role(losses, params)
+    expected_critic = torch.autograd.grad(critic(gen(x).detach()).mean(), list(critic.parameters()))
+    expected_gen = torch.autograd.grad(critic(gen(x)).pow(2).mean(), list(gen.parameters()))
+    for p, g in zip(critic.parameters(), expected_critic, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-7)
+    for p, g in zip(gen.parameters(), expected_gen, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-7)
+    # accumulation: a second micro-step adds to each role's own gradient only
+    before = [p.grad.clone() for p in critic.parameters()]
+    backward_per_role({"generator": critic(gen(x)).pow(2).mean()}, params)
+    assert all(torch.equal(p.grad, b) for p, b in zip(critic.parameters(), before, strict=True))
+    assert all(p.requires_grad for p in critic.parameters())
 
 
 # ----------------------------------------------------------------------------- conditioning
@@ -263,11 +303,34 @@ def test_sid_gradient_reaches_generator_not_critic():
     objective = make("sid")
     objective.ctx.begin_step(0, [0])
     out = objective.train_step(tiny_batch(), 0, ("generator",))
-    out.losses["generator"].backward()
+    backward_per_role({"generator": out.losses["generator"]}, role_params(objective))
     assert all(p.grad is None for p in objective.roles["critic"].parameters())
     assert all(p.grad is None for p in objective.roles["teacher"].parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in objective.roles["generator"].parameters())
     assert all(p.requires_grad for p in objective.roles["critic"].parameters())
+
+
+@pytest.mark.parametrize("stage", ["sid", "self_forcing_gan"])
+def test_generator_gradient_with_checkpointing_equals_without(stage):
+    """The generator's loss runs through the critic / discriminator with activation checkpointing on every role
+    (as the shipped configs train); its gradient equals the run without checkpointing, and it leaves no gradient
+    on the other roles."""
+    grads = {}
+    for checkpointing in (False, True):
+        objective = make(stage)
+        for module in objective.roles.values():
+            backbone = getattr(module, "backbone", module)
+            backbone.gradient_checkpointing = checkpointing
+        objective.ctx.begin_step(0, [0])
+        out = objective.train_step(tiny_batch(), 0, ("generator",))
+        backward_per_role({"generator": out.losses["generator"]}, role_params(objective))
+        for name in ("critic", "discriminator", "teacher"):
+            if name in objective.roles:
+                assert all(p.grad is None for p in objective.roles[name].parameters()), (name, checkpointing)
+        grads[checkpointing] = [p.grad.clone() for p in objective.roles["generator"].parameters() if p.grad is not None]
+    assert len(grads[True]) == len(grads[False]) > 0
+    for a, b in zip(grads[True], grads[False], strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), float((a - b).abs().max())
 
 
 def test_self_forcing_gan_overfit():

@@ -15,6 +15,7 @@ from utils.scheduler import (
     make_unipc_scheduler,
     sample_timesteps,
     shift_sigma,
+    training_weight,
     unipc_grid,
     warp_timesteps,
     x0_to_flow,
@@ -149,3 +150,19 @@ def test_unipc_with_exact_flow_lands_on_x0():
     for t in scheduler.timesteps:
         sample = scheduler.step(noise - x0, t, sample).prev_sample
     assert (sample - x0).abs().max() <= 1e-5
+
+
+def test_training_weight_matches_the_bell_formula_on_the_shifted_grid():
+    """Written out in numpy: the bell exp(-2((t-500)/1000)^2) on the 1000-step grid of shifted sigmas, minus its
+    minimum, averaging 1 there; zero at the grid's ends, largest at t = 500."""
+    shift = 5.0
+    sigma = np.linspace(1.0, 0.003 / 1.002, 1000)
+    grid = 1000 * shift * sigma / (1 + (shift - 1) * sigma)
+    bell = np.exp(-2 * ((grid - 500) / 1000) ** 2)
+    expected = (bell - bell.min()) * 1000 / (bell - bell.min()).sum()
+    got = training_weight(torch.tensor(grid), shift).double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert got.mean() == pytest.approx(1.0, rel=1e-5)
+    w = training_weight(torch.tensor([grid.max(), 500.0, 250.0, 750.0]), shift)
+    assert float(w[0]) == pytest.approx(0.0, abs=1e-6) and float(w[1]) == float(w.max())
+    assert float(w[2]) == pytest.approx(float(w[3]), rel=1e-6)  # symmetric about 500

@@ -1,9 +1,12 @@
 """Every stage config in configs/stages/ runs through the trainer on the tiny preset (CPU), and the loss it
 optimises falls on a fixed one-sample batch (train.overfit: the same batch and random draws every iteration)."""
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from trainer.registry import objective_defaults, objective_registry
 from trainer.trainer import Trainer
@@ -47,6 +50,23 @@ def test_stage_runs_and_its_loss_falls(tmp_path, stage):
     assert last < 0.8 * first, (stage, role, losses)
     if "loss/generator" in history[0]:  # DMD-type stages step the generator at iteration 0 (gen_every)
         assert all(abs(v) < 1e6 for h in history for k, v in h.items() if k.startswith("loss/"))
+
+
+@pytest.mark.parametrize("stage", sorted(CASES))
+def test_stage_config_runs_as_shipped(tmp_path, stage):
+    """Each stage config with its own precision (bf16: FSDP2 with fp32 masters, a process group of one here) and
+    activation checkpointing, only the networks tiny and the data synthetic: 2 iterations, finite losses, an
+    export whose weights are fp32 and moved."""
+    registry = objective_registry()
+    overrides = ["model=tiny", "data.type=synthetic", "data.num_samples=2", "data.latent_frames=3",
+                 f"run.output_dir={tmp_path}", "train.iterations=2", "train.log_every=1000"]  # fmt: skip
+    cfg = load_config(ROOT / "configs" / "stages" / f"{stage}.yaml", overrides, objective_defaults(registry))
+    assert cfg.train.dtype == "bf16" and cfg.train.gradient_checkpointing  # what the real runs use
+    history = Trainer(cfg, registry).train()
+    assert len(history) == 2
+    assert all(math.isfinite(v) for h in history for k, v in h.items() if k.startswith("loss/"))
+    with safe_open(str(tmp_path / stage / "export" / "generator.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
 
 
 def test_missing_teacher_checkpoint_names_the_role_and_fix(tmp_path):

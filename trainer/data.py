@@ -86,7 +86,51 @@ class TensorFolderDataset(Dataset):
         return {k: v.float() if v.dtype == torch.uint8 else v for k, v in sample.items()}  # pose frames, 0..255
 
 
-def build_dataset(data_cfg: Any, generator_preset: str | None, seed: int) -> Dataset:
+POSE_KEYS = ("pose", "ref_pose")
+
+
+class CachedDataset(Dataset):
+    """Every sample of a dataset held in memory as one stacked tensor per key (uint8 pose frames stay uint8), on
+    the CPU or the training device: batches are one index_select per key, with no file reads in the loop. For
+    datasets that fit (the synthetic world: ~4.4 MB a clip)."""
+
+    def __init__(self, dataset: Dataset, device: torch.device | str):
+        samples = [dataset[i] for i in range(len(dataset))]
+        keys = samples[0].keys()
+        self.tensors = {k: torch.stack([s[k] for s in samples]).to(device) for k in keys}
+        for k in POSE_KEYS:  # integers 0..255: kept as uint8 (4x smaller), float again per batch
+            if k in self.tensors:
+                self.tensors[k] = self.tensors[k].round().to(torch.uint8)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.batch([index], None, squeeze=True)
+
+    def batch(self, ids: list[int], device: torch.device | None, squeeze: bool = False) -> dict[str, torch.Tensor]:
+        index = torch.tensor(ids, device=next(iter(self.tensors.values())).device)
+        out = {}
+        for k, v in self.tensors.items():
+            value = v.index_select(0, index).to(device) if device is not None else v.index_select(0, index)
+            value = value.float() if value.dtype == torch.uint8 else value
+            out[k] = value[0] if squeeze else value
+        return out
+
+
+def build_dataset(
+    data_cfg: Any, generator_preset: str | None, seed: int, device: torch.device | None = None
+) -> Dataset:
+    """The dataset of data.type, held in memory (data.cache=memory) or on the training device (device) if asked."""
+    dataset = _build_dataset(data_cfg, generator_preset, seed)
+    if data_cfg.cache in ("memory", "device"):
+        return CachedDataset(dataset, device if data_cfg.cache == "device" and device is not None else "cpu")
+    if data_cfg.cache is not None:
+        raise ValueError(f"data.cache={data_cfg.cache!r}: expected null, memory or device")
+    return dataset
+
+
+def _build_dataset(data_cfg: Any, generator_preset: str | None, seed: int) -> Dataset:
     if data_cfg.type == "synthetic":
         if generator_preset is None:
             raise ValueError("data.type=synthetic sizes its tensors from roles.generator.preset; set it")
@@ -126,6 +170,10 @@ def local_batch(
     dataset: Dataset, ids: list[int], device: torch.device, float_dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """Stack the samples `ids` into a batch on the device (floating tensors cast to float_dtype if given)."""
+    if isinstance(dataset, CachedDataset):
+        batch = dataset.batch(ids, device)
+        return {k: v.to(float_dtype) if float_dtype is not None and v.is_floating_point()
+                and k not in ("ode_t", "pose", "ref_pose") else v for k, v in batch.items()}  # fmt: skip
     samples = [dataset[i] for i in ids]
     keys = samples[0].keys()
     missing = [k for k in keys if any(k not in s for s in samples)]

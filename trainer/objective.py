@@ -85,7 +85,9 @@ def _mix(*values: int) -> int:
 
 @dataclass
 class StepOutput:
-    losses: dict[str, torch.Tensor]  # role -> scalar loss to backpropagate (only the roles due this iteration)
+    # role -> scalar loss (only the roles due this iteration); the trainer backpropagates each into its own role's
+    # parameters only, so a loss may run through another role's network for its input gradient alone
+    losses: dict[str, torch.Tensor]
     logs: dict[str, float | torch.Tensor] = field(default_factory=dict)  # scalars to log
 
 

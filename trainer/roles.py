@@ -22,14 +22,26 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parallel_mode(cfg: Any, dist: DistInfo) -> str:
-    """'none' in one process; else fsdp (FSDP2, the default on CUDA and CPU/gloo alike) or ddp (replicated
-    networks, gradients averaged after backward)."""
-    if dist.world_size == 1 or cfg.train.distributed == "none":
+    """'none' (one process, fp32), 'fsdp' (FSDP2: the default with torchrun, and bf16 training in one process
+    too, over a process group of one) or 'ddp' (replicated fp32 networks, gradients averaged after backward).
+
+    bf16 training always goes through FSDP2, which keeps fp32 master weights and computes in bf16: AdamW's
+    updates at distillation learning rates (1e-6 and below) are smaller than half a bf16 ulp of most weights,
+    so bf16 parameters would drop most of them (and a bf16 EMA would stall).
+    """
+    if cfg.train.distributed not in ("auto", "fsdp", "ddp", "none"):
+        raise ConfigError(f"train.distributed={cfg.train.distributed!r}: expected auto, fsdp, ddp or none")
+    bf16 = cfg.train.dtype == "bf16"
+    if bf16 and cfg.train.distributed in ("ddp", "none"):
+        raise ConfigError(
+            f"train.dtype=bf16 with train.distributed={cfg.train.distributed}: bf16 trains through FSDP2 (fp32 "
+            "master weights, bf16 compute), since bf16 parameters lose most AdamW updates. Set "
+            "train.distributed=auto (or fsdp), or train.dtype=fp32"
+        )
+    if dist.world_size == 1 and not bf16:
         return "none"
     if cfg.train.distributed == "auto":
         return "fsdp"
-    if cfg.train.distributed not in ("fsdp", "ddp"):
-        raise ConfigError(f"train.distributed={cfg.train.distributed!r}: expected auto, fsdp, ddp or none")
     return cfg.train.distributed
 
 
@@ -40,7 +52,8 @@ def replicated_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def shard_fsdp2(model: WanModel, bf16: bool) -> WanModel:
-    """fully_shard each block, then the root; bf16 compute with fp32 gradient reduction when bf16."""
+    """fully_shard each block, then the root; bf16 compute with fp32 gradient reduction when bf16 (frozen roles
+    are stored in bf16 already and are not cast)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # cast_forward_inputs=False: the blocks take the fp32 residual stream and float64 RoPE tables as inputs and
@@ -56,6 +69,14 @@ def shard_fsdp2(model: WanModel, bf16: bool) -> WanModel:
     return model
 
 
+def role_param_dtype(cfg: Any, trainable: bool) -> torch.dtype:
+    """Trainable roles keep fp32 master weights (FSDP2 casts them to bf16 for compute under train.dtype=bf16);
+    frozen roles are stored in the compute dtype, since no optimizer updates them."""
+    if cfg.train.dtype not in DTYPES:
+        raise ConfigError(f"train.dtype={cfg.train.dtype!r}: expected one of {sorted(DTYPES)}")
+    return torch.float32 if trainable else DTYPES[cfg.train.dtype]
+
+
 def build_role(name: str, role_cfg: Any, cfg: Any, dist: DistInfo, trainable: bool) -> WanModel:
     if role_cfg.preset is None:
         raise ConfigError(
@@ -63,11 +84,7 @@ def build_role(name: str, role_cfg: Any, cfg: Any, dist: DistInfo, trainable: bo
             f"command line, e.g. roles.{name}.preset=tiny)"
         )
     mode = parallel_mode(cfg, dist)
-    bf16 = cfg.train.dtype == "bf16"
-    if cfg.train.dtype not in DTYPES:
-        raise ConfigError(f"train.dtype={cfg.train.dtype!r}: expected one of {sorted(DTYPES)}")
-    # FSDP2 keeps fp32 master shards and computes in bf16; elsewhere the params are the compute dtype.
-    param_dtype = torch.float32 if (mode == "fsdp" or not bf16) else torch.bfloat16
+    param_dtype = role_param_dtype(cfg, trainable)
     model = build_model(role_cfg.preset, device=dist.device, dtype=param_dtype)
     pose_missing = model.pose_dim is not None
     if role_cfg.weights is not None:
@@ -88,5 +105,19 @@ def build_role(name: str, role_cfg: Any, cfg: Any, dist: DistInfo, trainable: bo
     # Every role: frozen ones too, since some objectives (SiD) backpropagate through the teacher and critic.
     model.gradient_checkpointing = bool(cfg.train.gradient_checkpointing)
     if mode == "fsdp":
-        shard_fsdp2(model, bf16)
+        shard_fsdp2(model, bf16=cfg.train.dtype == "bf16" and param_dtype == torch.float32)
     return model
+
+
+def make_optimizer(model: nn.Module, role_cfg: Any) -> torch.optim.AdamW:
+    """AdamW over the role's trainable parameters; FSDP2-sharded (DTensor) and replicated parameters in separate
+    groups, since the fused multi-tensor step cannot mix the two kinds in one group."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [g for g in ([p for p in params if isinstance(p, DTensor)],
+                          [p for p in params if not isinstance(p, DTensor)]) if g]  # fmt: skip
+    return torch.optim.AdamW(
+        [{"params": g} for g in groups], lr=role_cfg.lr, betas=tuple(role_cfg.betas),
+        weight_decay=role_cfg.weight_decay, eps=role_cfg.eps,
+    )  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,9 @@ from trainer.checkpoint import CheckpointManager
 from trainer.data import build_dataset, global_indices, local_batch
 from trainer.ema import EMA
 from trainer.objective import Objective, TrainContext
-from trainer.roles import DTYPES, build_role, parallel_mode
+from trainer.roles import DTYPES, build_role, make_optimizer, parallel_mode
 from utils.config import ConfigError, save_config
-from utils.dist import all_reduce_mean, average_gradients, barrier, init_distributed
+from utils.dist import all_reduce_mean, average_gradients, barrier, init_distributed, init_single_process_group
 from utils.safetensors_io import atomic_save_safetensors
 from wan.configs import model_config
 from wan.modules.model import WanModel
@@ -57,11 +58,32 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     return total
 
 
+def backward_per_role(losses: dict[str, torch.Tensor], params: dict[str, list[torch.nn.Parameter]]) -> None:
+    """Backpropagate each role's loss into that role's parameters only (accumulating into .grad).
+
+    A generator loss that runs through the critic or the discriminator (SiD, the GAN term) differentiates them
+    wrt their inputs; the gradient it leaves on their parameters is discarded here, so each optimizer sees only
+    its own loss. The parameters keep requires_grad throughout: toggling it around a forward breaks activation
+    checkpointing, whose recomputation in backward would then see different flags.
+    """
+    order = list(losses)
+    for i, role in enumerate(order):
+        others = [p for r, ps in params.items() if r != role for p in ps]
+        stash = [p.grad for p in others]
+        for p in others:
+            p.grad = None
+        losses[role].backward(retain_graph=i < len(order) - 1)
+        for p, g in zip(others, stash, strict=True):
+            p.grad = g
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, registry: dict[str, type[Objective]]):
         self.cfg = cfg
         self.dist = init_distributed()
         self.mode = parallel_mode(cfg, self.dist)
+        if self.mode == "fsdp" and self.dist.world_size == 1:
+            init_single_process_group(self.dist.device)  # bf16 in one process: FSDP2 over a world of one
         objective_cls = registry[cfg.stage]
         self.run_dir = Path(cfg.run.output_dir) / (cfg.run.name or cfg.stage)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, self.dist.is_main)
@@ -83,18 +105,7 @@ class Trainer:
             )
             for name in objective_cls.required_roles
         }
-        self.optimizers = {}
-        for name in self.trainable:
-            rc = cfg.roles[name]
-            params = [p for p in self.roles[name].parameters() if p.requires_grad]
-            # FSDP2-sharded (DTensor) and replicated params in separate groups: the fused multi-tensor
-            # AdamW step cannot mix the two kinds in one group.
-            groups = [g for g in ([p for p in params if isinstance(p, DTensor)],
-                                  [p for p in params if not isinstance(p, DTensor)]) if g]  # fmt: skip
-            self.optimizers[name] = torch.optim.AdamW(
-                [{"params": g} for g in groups], lr=rc.lr, betas=tuple(rc.betas), weight_decay=rc.weight_decay,
-                eps=rc.eps,
-            )  # fmt: skip
+        self.optimizers = {name: make_optimizer(self.roles[name], cfg.roles[name]) for name in self.trainable}
         self.emas = {
             name: EMA(self.roles[name], cfg.roles[name].ema_decay, cfg.roles[name].ema_start)
             for name in self.trainable
@@ -104,7 +115,7 @@ class Trainer:
         self.ctx = TrainContext(self.dist.device, compute_dtype, cfg.seed, self.dist.rank, self.dist.world_size)
         self.objective = objective_cls(cfg.objective, self.roles, self.ctx)
         generator_preset = cfg.roles.generator.preset if "generator" in cfg.roles else None
-        self.data = build_dataset(cfg.data, generator_preset, cfg.seed)
+        self.data = build_dataset(cfg.data, generator_preset, cfg.seed, self.dist.device)
         self.float_dtype = compute_dtype
         self.start = 0
         if cfg.run.resume is not None:
@@ -152,6 +163,7 @@ class Trainer:
         bar = tqdm(range(self.start, cfg.train.iterations), initial=self.start, total=cfg.train.iterations,
                    desc=cfg.stage, disable=not self.dist.is_main)  # fmt: skip
         wandb_run = self._wandb()
+        started, self.stopped_early = time.perf_counter(), False
         for iteration in bar:
             due = tuple(self.objective.due(iteration))
             unknown = [r for r in due if r not in self.optimizers]
@@ -168,9 +180,10 @@ class Trainer:
                 missing = [r for r in due if r not in out.losses]
                 if missing:
                     raise RuntimeError(f"objective {cfg.stage} returned no loss for due roles {missing}")
-                total = sum(out.losses[r] for r in due) / cfg.train.grad_accum
-                if due:
-                    total.backward()
+                backward_per_role(
+                    {r: out.losses[r] / cfg.train.grad_accum for r in due},
+                    {r: [p for p in m.parameters() if p.requires_grad] for r, m in self.roles.items()},
+                )
                 for key, value in [*((f"loss/{r}", v) for r, v in out.losses.items()), *out.logs.items()]:
                     value = torch.as_tensor(value, dtype=torch.float32).detach().to(self.dist.device)
                     sums[key] = sums.get(key, 0) + value / cfg.train.grad_accum
@@ -205,13 +218,28 @@ class Trainer:
                     bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
                     log.info("iteration %d: %s", iteration, ", ".join(f"{k} {v:.5g}" for k, v in logs.items()))
             done = iteration + 1
-            if done % cfg.train.save_every == 0 or done == cfg.train.iterations:
+            out_of_time = self._out_of_time(started)
+            if done % cfg.train.save_every == 0 or done == cfg.train.iterations or out_of_time:
                 self.ckpt.save(done, self._state())
+            if out_of_time and done < cfg.train.iterations:
+                log.info("train.max_minutes=%s reached after iteration %d: checkpoint saved, rerun with --resume "
+                         "auto to continue", cfg.train.max_minutes, iteration)  # fmt: skip
+                self.stopped_early = True
+                break
         if cfg.train.export:
             self.export()
         if wandb_run is not None:
             wandb_run.finish()
         return history
+
+    def _out_of_time(self, started: float) -> bool:
+        """train.max_minutes spent (decided on rank 0, so every rank stops at the same iteration)."""
+        if self.cfg.train.max_minutes is None:
+            return False
+        over = {"stop": torch.tensor(float(time.perf_counter() - started > 60 * self.cfg.train.max_minutes))}
+        if not self.dist.is_main:
+            over["stop"].zero_()
+        return all_reduce_mean(over)["stop"] > 0
 
     def _wandb(self):
         if not (self.cfg.logging.wandb and self.dist.is_main):

@@ -37,6 +37,14 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
+def init_single_process_group(device: torch.device) -> None:
+    """A process group of one (FSDP2 in a single process, e.g. bf16 training on one GPU without torchrun)."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

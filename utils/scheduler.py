@@ -73,6 +73,24 @@ def flow_to_noise(flow: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tor
     return (x_t.double() + (1 - sigma) * flow.double()).to(flow.dtype)
 
 
+def training_weight(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow-matching loss weight per timestep that Wan training (UniAnimate-DiT, Self-Forcing) applies: a
+    bell exp(-2 ((t - 500) / 1000)^2) centred on t = 500, minus its minimum over the 1000-step shifted training
+    grid (sigma from 1 to 0.003/1.002), scaled so that it averages 1 over that grid; 0 at the grid's ends.
+
+    t [...] in [0, 1000] -> weight [...] float32, evaluated in float64.
+    """
+    sigma = torch.linspace(1.0, 0.003 / 1.002, NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
+    grid = NUM_TRAIN_TIMESTEPS * shift_sigma(sigma, shift)
+
+    def bell(x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-2 * ((x - NUM_TRAIN_TIMESTEPS / 2) / NUM_TRAIN_TIMESTEPS) ** 2)
+
+    floor = bell(grid).min()
+    scale = NUM_TRAIN_TIMESTEPS / (bell(grid) - floor).sum()
+    return ((bell(t.double().cpu()) - floor).clamp(min=0) * scale).float().to(t.device)
+
+
 def sample_timesteps(
     batch_size: int,
     shift: float,
