@@ -7,8 +7,9 @@ from model.dmd import DMD, SelfForcing
 from model.gan import SelfForcingGAN
 from model.ode_regression import ODERegression
 from model.sid import SiD
+from model.teacher import PoseTeacherTraining
 from trainer.objective import Objective
 
 REGISTRY: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (ODERegression, PoseFinetune, DMD, SiD, SelfForcing, SelfForcingGAN)
+    cls.name: cls for cls in (ODERegression, PoseFinetune, DMD, SiD, SelfForcing, SelfForcingGAN, PoseTeacherTraining)
 }

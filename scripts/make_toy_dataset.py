@@ -1,9 +1,14 @@
-"""Export N samples of the synthetic pose world as a training dataset (format: utils/data.py).
+"""Export N samples of the synthetic pose world as a clip dataset (format: utils/data.py), or, with --encode,
+straight as training samples (what scripts/preprocess_data.py makes of the clip dataset, without the mp4 round
+trip: toy VAE latents, y, CLIP features, prompt embeddings, pose frames).
 
     python scripts/make_toy_dataset.py --out data/toy --num-samples 1000 [--config configs/toy/world.yaml]
         [--seed 0] [--workers 4] [--lossless-video] [num_frames=33 height=64 ...]
+    python scripts/make_toy_dataset.py --encode --out data/world/train --num-samples 4000 --seed 1000000 \
+        --workers 16 [--vae assets/toy_vae --encoders assets/world_encoders --ref-choices 3]
 
-Sample i is generate_sample(config, seed + i): the same command always writes the same dataset.
+Sample i is generate_sample(config, seed + i): the same command always writes the same dataset. The world's seed
+ranges: training 1,000,000+, validation 2,000,000+, test 10,000,000+ (docs/results/world_teacher.md).
 """
 
 from __future__ import annotations
@@ -13,20 +18,23 @@ import logging
 import sys
 from collections.abc import Sequence
 from functools import partial
-from multiprocessing import Pool
+from multiprocessing import Pool, get_context
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python scripts/make_toy_dataset.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from utils.data import write_index, write_sample  # noqa: E402
-from utils.synthetic_pose import WorldConfig, generate_sample, load_world_config  # noqa: E402
+from utils.data import to_contract, write_index, write_sample  # noqa: E402
+from utils.synthetic_pose import SyntheticSample, WorldConfig, generate_sample, load_world_config  # noqa: E402
 
 logger = logging.getLogger("make_toy_dataset")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy" / "world.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "toy" / "world.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample")
     p.add_argument("--workers", type=int, default=1, help="processes generating samples")
     p.add_argument("--lossless-video", action="store_true", help="store video.mp4 losslessly (larger files)")
+    p.add_argument("--encode", action="store_true", help="write training samples (<id>.safetensors), not clips")
+    p.add_argument("--vae", type=Path, default=ROOT / "assets" / "toy_vae", help="--encode: the VAE folder")
+    p.add_argument("--encoders", type=Path, default=ROOT / "assets" / "world_encoders",
+                   help="--encode: folder with text_encoder/, tokenizer/ and image_encoder/")  # fmt: skip
+    p.add_argument(
+        "--ref-choices",
+        type=int,
+        default=0,
+        help="--encode: alternate reference frames per clip (the teacher stage draws one per step)",
+    )
+    p.add_argument("--negative-prompt", default="", help="--encode: CFG's negative prompt (world: empty)")
+    p.add_argument("--text-len", type=int, default=32, help="--encode: text tokens per prompt (world presets: 32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="--encode device")
     p.add_argument("overrides", nargs="*", help="world config overrides, key=value")
     return p
 
@@ -57,11 +78,62 @@ def export_one(index: int, out: Path, config: WorldConfig, seed: int, lossless_v
     )
 
 
+def render_one(index: int, config: WorldConfig, seed: int, ref_choices: int) -> tuple[SyntheticSample, list[int]]:
+    """Sample `seed + index` and `ref_choices` alternate reference frames drawn by a generator of that seed (never
+    the clip's own reference frame). NumPy only: it runs in worker processes."""
+    s = generate_sample(config, seed + index)
+    rng = np.random.default_rng([seed + index, 1])
+    others = [f for f in range(config.num_frames) if f != s.ref_index]
+    frames = rng.choice(others, size=min(ref_choices, len(others)), replace=False).tolist() if ref_choices else []
+    return s, frames
+
+
+def encode_dataset(args: argparse.Namespace, config: WorldConfig) -> int:
+    """Render in worker processes, encode on --device in this one, write <id>.safetensors (resumable)."""
+    from scripts.preprocess_data import ClipEncoders, encode_clip
+    from utils.safetensors_io import atomic_save_safetensors
+    from utils.text_cache import CachedTextEncoder
+    from utils.wan_wrapper import ImageEncoder, WanVAE
+
+    device, dtype = torch.device(args.device), torch.float32  # the world's encoders are small: fp32 throughout
+    todo = [i for i in range(args.num_samples) if not (args.out / f"{i:06d}.safetensors").exists()]
+    logger.info("%d samples, %d to write to %s", args.num_samples, len(todo), args.out)
+    if not todo:
+        return 0
+    enc = ClipEncoders(
+        vae=WanVAE(args.vae, device=device, dtype=dtype),
+        image_encoder=ImageEncoder(args.encoders / "image_encoder", device=device, dtype=dtype),
+        text_encoder=CachedTextEncoder(
+            args.out / ".text_cache",
+            args.encoders / "text_encoder",
+            args.encoders / "tokenizer",
+            device=device,
+            dtype=dtype,
+            text_len=args.text_len,
+        ),  # fmt: skip
+        negative_prompt=args.negative_prompt,
+    )
+    job = partial(render_one, config=config, seed=args.seed, ref_choices=args.ref_choices)
+    # spawn, not fork: this process has started torch's thread pools, which a forked child can deadlock on
+    with get_context("spawn").Pool(max(args.workers, 1)) as pool:
+        rendered = pool.imap(job, todo)
+        for index, (s, frames) in zip(todo, tqdm(rendered, total=len(todo), desc="samples", unit="clip"), strict=True):
+            clip = to_contract(s.video, s.pose, s.ref_image, s.ref_pose, s.prompt, f"{index:06d}")
+            choices = [(clip["video"][:, f], clip["pose"][:, f]) for f in frames]
+            sample = encode_clip(enc, clip["video"], clip["ref_image"], clip["pose"], clip["ref_pose"],
+                                 clip["prompt"], choices)  # fmt: skip
+            atomic_save_safetensors(sample, args.out / f"{clip['id']}.safetensors",
+                                    {"prompt": s.prompt, "seed": str(args.seed + index)})  # fmt: skip
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = OmegaConf.to_container(OmegaConf.from_dotlist(args.overrides))
     config = load_world_config(args.config, **overrides)
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.encode:
+        return encode_dataset(args, config)
     job = partial(export_one, out=args.out, config=config, seed=args.seed, lossless_video=args.lossless_video)
     bar = partial(tqdm, total=args.num_samples, desc="samples", unit="clip")
     if args.workers > 1:

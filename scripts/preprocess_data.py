@@ -16,6 +16,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python scripts/preprocess_data.py`: make the repo root importable
@@ -39,6 +41,53 @@ DEFAULT_ASSETS = {  # relative to --models-dir, where download_models.py puts th
     "t5": "Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth",
     "t5_tokenizer": "Wan2.1-T2V-1.3B/google/umt5-xxl",
 }
+
+
+@dataclass
+class ClipEncoders:
+    """The frozen encoders a training sample is made with."""
+
+    vae: WanVAE
+    image_encoder: ImageEncoder
+    text_encoder: Callable[[list[str]], torch.Tensor]
+    negative_prompt: str
+
+
+@torch.no_grad()
+def encode_clip(
+    enc: ClipEncoders,
+    video: torch.Tensor,
+    ref_image: torch.Tensor,
+    pose: torch.Tensor,
+    ref_pose: torch.Tensor,
+    prompt: str,
+    ref_choices: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+) -> dict[str, torch.Tensor]:
+    """One training sample (batch layout of trainer/objective.py, on the CPU) from a clip in the data contract:
+    video [3, F, H, W] in [-1, 1], ref_image [3, H, W], pose [3, F, H, W] and ref_pose [3, H, W] in 0..255.
+
+    ref_choices: alternate (reference image, its pose) pairs, stored as ref_choices_{y, clip_fea, ref_pose}
+    [K, ...] (the teacher stage draws one per step).
+    """
+    device = next(enc.vae.parameters()).device
+    frames = video.shape[1]
+    ref = ref_image[None].to(device)  # [1, 3, H, W]
+    sample = {
+        "latents": enc.vae.encode(video[None].to(device))[0],  # [16, F_lat, H/8, W/8]
+        "y": image_condition(enc.vae, ref, frames, Y_CHANNELS)[0],  # [20, F_lat, H/8, W/8]
+        "clip_fea": enc.image_encoder(ref)[0],  # [L_clip, clip_dim]
+        "context": enc.text_encoder([prompt])[0],  # [text_len, text_dim]
+        "neg_context": enc.text_encoder([enc.negative_prompt])[0],
+        "pose": pose.round().to(torch.uint8),  # [3, F, H, W]
+        "ref_pose": ref_pose.round().to(torch.uint8),  # [3, H, W]
+    }
+    if ref_choices:
+        refs = torch.stack([r for r, _ in ref_choices]).to(device)  # [K, 3, H, W]
+        sample["ref_choices_y"] = image_condition(enc.vae, refs, frames, Y_CHANNELS)
+        sample["ref_choices_clip_fea"] = enc.image_encoder(refs)
+        sample["ref_choices_ref_pose"] = torch.stack([p for _, p in ref_choices]).round().to(torch.uint8)
+    return {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
+            for k, v in sample.items()}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,11 +130,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = dist.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    vae = WanVAE(asset(args, "vae"), device=device, dtype=dtype)
-    image_encoder = ImageEncoder(asset(args, "clip"), device=device, dtype=dtype)
-    text_encoder = CachedTextEncoder(args.text_cache, asset(args, "t5"), asset(args, "t5_tokenizer"),
-                                     device=device, dtype=dtype, text_len=args.text_len)  # fmt: skip
-    neg_context = text_encoder([args.negative_prompt])[0].cpu()
+    encoders = ClipEncoders(
+        vae=WanVAE(asset(args, "vae"), device=device, dtype=dtype),
+        image_encoder=ImageEncoder(asset(args, "clip"), device=device, dtype=dtype),
+        text_encoder=CachedTextEncoder(
+            args.text_cache,
+            asset(args, "t5"),
+            asset(args, "t5_tokenizer"),
+            device=device,
+            dtype=dtype,
+            text_len=args.text_len,
+        ),  # fmt: skip
+        negative_prompt=args.negative_prompt,
+    )
     for i in tqdm(todo, desc="clips", disable=not dist.is_main):
         clip = dataset[i]
         frames = clip["video"].shape[1] if args.num_frames is None else args.num_frames
@@ -94,18 +151,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"clip {clip['id']} has {clip['video'].shape[1]} frames; it needs 1 + 4k frames "
                 f"(>= {frames}): pass --num-frames or trim the clip"
             )
-        video = clip["video"][:, :frames][None].to(device)  # [1, 3, F, H, W] in [-1, 1]
-        ref = clip["ref_image"][None].to(device)  # [1, 3, H, W]
-        sample = {
-            "latents": vae.encode(video)[0],  # [16, F_lat, H/8, W/8], fp32
-            "y": image_condition(vae, ref, frames, Y_CHANNELS)[0],  # [20, F_lat, H/8, W/8]
-            "clip_fea": image_encoder(ref)[0],  # [257, 1280]
-            "context": text_encoder([clip["prompt"]])[0],  # [text_len, 4096]
-            "neg_context": neg_context,
-            "pose": clip["pose"][:, :frames].round().to(torch.uint8),  # [3, F, H, W]
-            "ref_pose": clip["ref_pose"].round().to(torch.uint8),  # [3, H, W]
-        }
-        sample = {k: v.detach().cpu().contiguous() for k, v in sample.items()}
+        sample = encode_clip(encoders, clip["video"][:, :frames], clip["ref_image"], clip["pose"][:, :frames],
+                             clip["ref_pose"], clip["prompt"])  # fmt: skip
         atomic_save_safetensors(sample, args.out / f"{clip['id']}.safetensors", {"prompt": clip["prompt"]})
     barrier()
     destroy()

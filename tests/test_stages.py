@@ -27,6 +27,8 @@ CASES = {
     "sid": ("critic", 12, ["roles.critic.lr=6e-3", "roles.critic.betas=[0.9,0.99]", "objective.gen_every=100"]),
     "self_forcing": ("critic", 12, ["roles.critic.lr=6e-3", "roles.critic.betas=[0.9,0.99]",
                                     "objective.gen_every=100"]),
+    "teacher": ("teacher", 12, ["roles.teacher.lr=6e-3", "roles.teacher.betas=[0.9,0.99]",
+                                "objective.pose_dropout=0", "objective.image_dropout=0", "objective.uncond_dropout=0"]),
     "self_forcing_gan": ("critic", 12, ["roles.critic.lr=6e-3", "roles.critic.betas=[0.9,0.99]",
                                         "objective.gen_every=100"]),
 }  # fmt: skip
@@ -65,7 +67,8 @@ def test_stage_config_runs_as_shipped(tmp_path, stage):
     history = Trainer(cfg, registry).train()
     assert len(history) == 2
     assert all(math.isfinite(v) for h in history for k, v in h.items() if k.startswith("loss/"))
-    with safe_open(str(tmp_path / stage / "export" / "generator.safetensors"), "pt") as f:
+    role = registry[stage].trainable_roles[0]
+    with safe_open(str(tmp_path / stage / "export" / f"{role}.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
 
 

@@ -685,6 +685,16 @@ def _prompt(fig: Figure, motions: list[str], wall_kind: str, wall_color: np.ndar
     return f"a figure in a {shirt} and {legs} {action} in front of a {wall}"
 
 
+def prompt_vocabulary() -> list[str]:
+    """Every word a world caption can contain (_prompt's template, colours, verbs, walls), sorted: the vocabulary
+    of the world's text encoder (assets/world_encoders)."""
+    words = set("a figure in shirt and striped shorts trousers then front of wall".split())
+    words |= {*_COLOR_NAMES, "white", "grey", "black"}
+    for phrase in (*_VERBS.values(), *_WALLS.values()):
+        words |= set(phrase.split())
+    return sorted(words)
+
+
 def generate_sample(config: WorldConfig, seed: int, draw_pose: bool = True) -> SyntheticSample:
     """One deterministic clip of the synthetic world (same config and seed -> identical arrays).
 

@@ -11,9 +11,9 @@ from transformers import CLIPVisionConfig, PreTrainedTokenizerFast, UMT5Config
 WORDS = "a person is dancing in the rain cat dog & < > quote on stage slowly".split()
 
 
-def make_tokenizer(folder: Path) -> Path:
+def make_tokenizer(folder: Path, words: list[str] = WORDS) -> Path:
     """A word-level tokenizer with T5's special ids (pad 0, eos 1, unk 2), saved as a local HF folder."""
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])

@@ -58,6 +58,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         sink_size=0,
     ),  # fmt: skip
 }
+# The synthetic pose world (utils/synthetic_pose.py: 128x128, 81 frames -> latents [16, 21, 16, 16] through the toy
+# VAE, 64 tokens per latent frame). Text and CLIP widths are those of assets/world_encoders.
+_WORLD = dict(
+    patch_size=(1, 2, 2), text_len=32, freq_dim=256, text_dim=64, out_dim=16, eps=1e-6, qk_norm=True,
+    cross_attn_norm=True, clip_dim=64, **_I2V,
+)  # fmt: skip
+# Teacher: bidirectional i2v pose model, pose_dim == dim like the 14B teacher (7.1M params, 14 MB in fp16).
+PRESETS["world_teacher"] = dict(arch="bidirectional", **_WORLD, dim=256, ffn_dim=768, num_heads=4, num_layers=6,
+                                pose_dim=256)  # fmt: skip
+# Student: causal, smaller, pose encoders of the teacher's width + pose_proj 256 -> 192 (4.1M params, 8 MB).
+PRESETS["world_student"] = dict(arch="causal", **_WORLD, dim=192, ffn_dim=576, num_heads=3, num_layers=6,
+                                pose_dim=256, **_CAUSAL)  # fmt: skip
+# DMD critic (fake score): the student's network, bidirectional.
+PRESETS["world_critic"] = {k: v for k, v in PRESETS["world_student"].items() if k not in _CAUSAL} | {
+    "arch": "bidirectional"
+}
 PRESETS["tiny_bidirectional"] = {k: v for k, v in PRESETS["tiny"].items() if k not in _CAUSAL} | {
     "arch": "bidirectional"
 }

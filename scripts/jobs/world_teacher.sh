@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One GPU call of the world teacher: write the training set if it is missing (make_toy_dataset.py --encode; the
+# same seeds always give the same set), then train or resume (--resume auto) until SECONDS from the call's start
+# are spent (train.max_minutes), and copy what comes back to OUT_DIR: the log, metrics.jsonl, the resolved config
+# and the exports (the EMA weights in fp16, as shipped; the raw weights in fp32, split in two files).
+#   bash scripts/jobs/world_teacher.sh OUT_DIR SECONDS [key=val ...]
+#   WORLD_CLIPS=4000 WORLD_REF_CHOICES=3 BENCH_DMD=1 (also runs the real-size DMD benchmark beside the data step)
+set -u
+out=$1; secs=$2; shift 2
+start=$(date +%s)
+mkdir -p "$out"
+clips=${WORLD_CLIPS:-4000}
+workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
+if [ "${BENCH_DMD:-0}" = 1 ]; then
+  W="roles.generator.weights=null roles.generator.pose_weights_path=null roles.critic.weights=null \
+     roles.critic.pose_weights_path=null roles.teacher.weights=null objective.gen_every=2"
+  python scripts/benchmark_train.py --iterations 2 --json "$out/train_dmd_1gpu.json" $W >"$out/bench_dmd.log" 2>&1 &
+  bench=$!
+fi
+python scripts/make_toy_dataset.py --encode --out data/world/train --num-samples "$clips" --seed 1000000 \
+  --workers "$workers" --ref-choices "${WORLD_REF_CHOICES:-3}" >"$out/data.log" 2>&1 || { tail -20 "$out/data.log"; exit 1; }
+[ "${BENCH_DMD:-0}" = 1 ] && { wait $bench; tail -8 "$out/bench_dmd.log"; }
+left=$(( secs - ($(date +%s) - start) - 45 ))
+echo "data ready after $(( $(date +%s) - start )) s; training for $left s"
+python train.py --config configs/world/teacher.yaml --resume auto train.max_minutes="$(python -c "print($left / 60)")" \
+  "$@" >"$out/train.log" 2>&1
+rc=$?
+grep -v "UserWarning\|return func" "$out/train.log" | tail -4
+run=runs/world_teacher
+cp "$run/metrics.jsonl" "$run/config.yaml" "$out/" 2>/dev/null
+python - "$run/export" "$out" <<'PY'
+import sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+if (src / "teacher_ema.safetensors").exists():
+    from safetensors import safe_open
+    meta = safe_open(str(src / "teacher_ema.safetensors"), "pt").metadata()
+    ema = load_file(src / "teacher_ema.safetensors")
+    save_file({k: v.half() for k, v in ema.items()}, dst / "teacher_ema_fp16.safetensors", meta)
+    raw = load_file(src / "teacher.safetensors")
+    keys = sorted(raw)
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        save_file({k: raw[k] for k in part}, dst / f"teacher_fp32_part{i}.safetensors", meta)
+    print("exports copied")
+PY
+exit $rc
