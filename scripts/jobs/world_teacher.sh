@@ -14,21 +14,21 @@ workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
 if [ "${BENCH_DMD:-0}" = 1 ]; then
   W="roles.generator.weights=null roles.generator.pose_weights_path=null roles.critic.weights=null \
      roles.critic.pose_weights_path=null roles.teacher.weights=null objective.gen_every=2"
-  python scripts/benchmark_train.py --iterations 2 --json "$out/train_dmd_1gpu.json" $W >"$out/bench_dmd.log" 2>&1 &
+  python3 scripts/benchmark_train.py --iterations 2 --json "$out/train_dmd_1gpu.json" $W >"$out/bench_dmd.log" 2>&1 &
   bench=$!
 fi
-python scripts/make_toy_dataset.py --encode --out data/world/train --num-samples "$clips" --seed 1000000 \
+python3 scripts/make_toy_dataset.py --encode --out data/world/train --num-samples "$clips" --seed 1000000 \
   --workers "$workers" --ref-choices "${WORLD_REF_CHOICES:-3}" >"$out/data.log" 2>&1 || { tail -20 "$out/data.log"; exit 1; }
 [ "${BENCH_DMD:-0}" = 1 ] && { wait $bench; tail -8 "$out/bench_dmd.log"; }
 left=$(( secs - ($(date +%s) - start) - 45 ))
 echo "data ready after $(( $(date +%s) - start )) s; training for $left s"
-python train.py --config configs/world/teacher.yaml --resume auto train.max_minutes="$(python -c "print($left / 60)")" \
+python3 train.py --config configs/world/teacher.yaml --resume auto train.max_minutes="$(python3 -c "print($left / 60)")" \
   "$@" >"$out/train.log" 2>&1
 rc=$?
 grep -v "UserWarning\|return func" "$out/train.log" | tail -4
 run=runs/world_teacher
 cp "$run/metrics.jsonl" "$run/config.yaml" "$out/" 2>/dev/null
-python - "$run/export" "$out" <<'PY'
+python3 - "$run/export" "$out" <<'PY'
 import sys
 from pathlib import Path
 from safetensors.torch import load_file, save_file
