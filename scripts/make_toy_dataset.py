@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--negative-prompt", default="", help="--encode: CFG's negative prompt (world: empty)")
     p.add_argument("--text-len", type=int, default=32, help="--encode: text tokens per prompt (world presets: 32)")
+    p.add_argument("--encode-batch", type=int, default=16, help="--encode: clips per batched VAE / CLIP call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="--encode device")
     p.add_argument("overrides", nargs="*", help="world config overrides, key=value")
     return p
@@ -90,7 +91,7 @@ def render_one(index: int, config: WorldConfig, seed: int, ref_choices: int) -> 
 
 def encode_dataset(args: argparse.Namespace, config: WorldConfig) -> int:
     """Render in worker processes, encode on --device in this one, write <id>.safetensors (resumable)."""
-    from scripts.preprocess_data import ClipEncoders, encode_clip
+    from scripts.preprocess_data import ClipEncoders, encode_clips
     from utils.safetensors_io import atomic_save_safetensors
     from utils.text_cache import CachedTextEncoder
     from utils.wan_wrapper import ImageEncoder, WanVAE
@@ -114,16 +115,25 @@ def encode_dataset(args: argparse.Namespace, config: WorldConfig) -> int:
         negative_prompt=args.negative_prompt,
     )
     job = partial(render_one, config=config, seed=args.seed, ref_choices=args.ref_choices)
+
+    def flush(group: list) -> None:
+        clips = [(c["video"], c["ref_image"], c["pose"], c["ref_pose"], c["prompt"], ch) for _, c, ch in group]
+        for (index, clip, _), sample in zip(group, encode_clips(enc, clips), strict=True):
+            atomic_save_safetensors(sample, args.out / f"{clip['id']}.safetensors",
+                                    {"prompt": clip["prompt"], "seed": str(args.seed + index)})  # fmt: skip
+        group.clear()
+
+    group: list = []
     # spawn, not fork: this process has started torch's thread pools, which a forked child can deadlock on
     with get_context("spawn").Pool(max(args.workers, 1)) as pool:
         rendered = pool.imap(job, todo)
         for index, (s, frames) in zip(todo, tqdm(rendered, total=len(todo), desc="samples", unit="clip"), strict=True):
             clip = to_contract(s.video, s.pose, s.ref_image, s.ref_pose, s.prompt, f"{index:06d}")
-            choices = [(clip["video"][:, f], clip["pose"][:, f]) for f in frames]
-            sample = encode_clip(enc, clip["video"], clip["ref_image"], clip["pose"], clip["ref_pose"],
-                                 clip["prompt"], choices)  # fmt: skip
-            atomic_save_safetensors(sample, args.out / f"{clip['id']}.safetensors",
-                                    {"prompt": s.prompt, "seed": str(args.seed + index)})  # fmt: skip
+            group.append((index, clip, [(clip["video"][:, f], clip["pose"][:, f]) for f in frames]))
+            if len(group) == args.encode_batch:
+                flush(group)
+        if group:
+            flush(group)
     return 0
 
 

@@ -69,25 +69,38 @@ def encode_clip(
     ref_choices: alternate (reference image, its pose) pairs, stored as ref_choices_{y, clip_fea, ref_pose}
     [K, ...] (the teacher stage draws one per step).
     """
+    return encode_clips(enc, [(video, ref_image, pose, ref_pose, prompt, ref_choices)])[0]
+
+
+@torch.no_grad()
+def encode_clips(enc: ClipEncoders, clips: Sequence[tuple]) -> list[dict[str, torch.Tensor]]:
+    """encode_clip for several clips of one shape at once: one batched VAE / CLIP call for all of them (the VAE's
+    chunked encode is bound by kernel launches at small sizes, so batching is what makes it fast)."""
     device = next(enc.vae.parameters()).device
-    frames = video.shape[1]
-    ref = ref_image[None].to(device)  # [1, 3, H, W]
-    sample = {
-        "latents": enc.vae.encode(video[None].to(device))[0],  # [16, F_lat, H/8, W/8]
-        "y": image_condition(enc.vae, ref, frames, Y_CHANNELS)[0],  # [20, F_lat, H/8, W/8]
-        "clip_fea": enc.image_encoder(ref)[0],  # [L_clip, clip_dim]
-        "context": enc.text_encoder([prompt])[0],  # [text_len, text_dim]
-        "neg_context": enc.text_encoder([enc.negative_prompt])[0],
-        "pose": pose.round().to(torch.uint8),  # [3, F, H, W]
-        "ref_pose": ref_pose.round().to(torch.uint8),  # [3, H, W]
-    }
-    if ref_choices:
-        refs = torch.stack([r for r, _ in ref_choices]).to(device)  # [K, 3, H, W]
-        sample["ref_choices_y"] = image_condition(enc.vae, refs, frames, Y_CHANNELS)
-        sample["ref_choices_clip_fea"] = enc.image_encoder(refs)
-        sample["ref_choices_ref_pose"] = torch.stack([p for _, p in ref_choices]).round().to(torch.uint8)
-    return {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
-            for k, v in sample.items()}  # fmt: skip
+    videos = torch.stack([c[0] for c in clips]).to(device)  # [N, 3, F, H, W]
+    frames = videos.shape[2]
+    refs = [c[1] for c in clips] + [r for c in clips for r, _ in c[5]]  # own references, then the alternates
+    refs = torch.stack(refs).to(device)  # [N + sum K, 3, H, W]
+    latents = enc.vae.encode(videos)  # [N, 16, F_lat, H/8, W/8]
+    ys = image_condition(enc.vae, refs, frames, Y_CHANNELS)  # [N + sum K, 20, F_lat, H/8, W/8]
+    clip_fea = enc.image_encoder(refs)  # [N + sum K, L_clip, clip_dim]
+    neg_context = enc.text_encoder([enc.negative_prompt])[0]
+    contexts = enc.text_encoder([c[4] for c in clips])  # [N, text_len, text_dim]
+    samples, alt = [], len(clips)
+    for i, (_, _, pose, ref_pose, _, choices) in enumerate(clips):
+        sample = {
+            "latents": latents[i], "y": ys[i], "clip_fea": clip_fea[i], "context": contexts[i],
+            "neg_context": neg_context, "pose": pose.round().to(torch.uint8),  # [3, F, H, W]
+            "ref_pose": ref_pose.round().to(torch.uint8),  # [3, H, W]
+        }  # fmt: skip
+        if choices:
+            k = len(choices)
+            sample["ref_choices_y"], sample["ref_choices_clip_fea"] = ys[alt : alt + k], clip_fea[alt : alt + k]
+            sample["ref_choices_ref_pose"] = torch.stack([p for _, p in choices]).round().to(torch.uint8)
+            alt += k
+        samples.append({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
+                        for k, v in sample.items()})  # fmt: skip
+    return samples
 
 
 def build_parser() -> argparse.ArgumentParser:
