@@ -21,9 +21,9 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from torch import nn
 from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
+from utils.errors import CheckpointKeyError
 from utils.safetensors_io import load_file
 from utils.scheduler import flow_to_x0
-from wan.checkpoint import CheckpointKeyError
 
 logger = logging.getLogger(__name__)
 
