@@ -12,3 +12,8 @@ from trainer.objective import Objective
 REGISTRY: dict[str, type[Objective]] = {
     cls.name: cls for cls in (ODERegression, PoseFinetune, DMD, SiD, SelfForcing, SelfForcingGAN)
 }
+
+
+def objective_registry() -> dict[str, type[Objective]]:
+    """A copy of REGISTRY: what train.py hands the trainer (which never imports the objectives itself)."""
+    return dict(REGISTRY)

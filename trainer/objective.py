@@ -118,3 +118,8 @@ class Objective:
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int, due: tuple[str, ...]) -> StepOutput:
         raise NotImplementedError
+
+
+def objective_defaults(registry: dict[str, type[Objective]]) -> dict[str, dict]:
+    """{stage name: that objective's `defaults`}: the `objective:` config schema of every stage."""
+    return {name: dict(cls.defaults) for name, cls in registry.items()}
