@@ -36,12 +36,12 @@ from tqdm import tqdm
 
 from pipeline.bidirectional_inference import TeacherPosePipeline
 from pipeline.causal_diffusion_inference import (
-    DEFAULT_STEPS,
     WAN_NEGATIVE_PROMPT,
     PosePipeline,
     StreamingPosePipeline,
     check_clip_inputs,
 )
+from pipeline.rollout import DEFAULT_STEPS
 from utils.pose import DWPoseDetector, DWPoseUnavailable, PoseSequence, align_pose, draw_pose_frames, load_keypoints
 from utils.pose.load import load_pose_frames
 from utils.text_cache import CachedTextEncoder

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.conditions import block_conditions, conditions
+from pipeline.conditions import Conditions, conditions
+from pipeline.rollout import Block, block_rollout
 from trainer.objective import Objective, StepOutput, TrainContext
 from utils.scheduler import NUM_TRAIN_TIMESTEPS, add_noise, flow_target, shift_sigma, training_weight
 from wan.modules.causal_model import CausalWanModel
@@ -27,7 +28,7 @@ def draw_timesteps(ctx: TrainContext, shape: tuple[int, ...], opts: dict[str, An
 
 
 def flow_matching_loss(
-    model: WanModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: dict
+    model: WanModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Conditions
 ) -> torch.Tensor:
     """MSE between model(x_t, t) and the flow eps - x0. x0, noise [B, C, F, H, W], t [B] or [B, F]."""
     x_t = add_noise(x0, noise, t)
@@ -51,26 +52,30 @@ def weighted_flow_mse(
 
 def dropout_conditions(
     model: WanModel, batch: dict[str, torch.Tensor], keep_pose: torch.Tensor, keep_image: torch.Tensor
-) -> dict:
+) -> Conditions:
     """conditions(model, batch) with UniAnimate's per-sample dropout: keep_pose [B] (0 zeroes the pose tokens and
     the ref-pose map), keep_image [B] (0 zeroes CLIP and y). The embeddings are zeroed, not the pose pixels."""
     cond = conditions(model, batch, use_pose=False)
     tokens, ref_map = model.encode_pose(batch["pose"], batch.get("ref_pose"))
-    cond["add_condition"] = tokens * keep_pose.to(tokens.dtype).view(-1, 1, 1)  # [B, F*h*w, dim]
-    if cond["y"] is not None:
-        cond["clip_fea"] = cond["clip_fea"] * keep_image.to(cond["clip_fea"].dtype).view(-1, 1, 1)
-        y = cond["y"] * keep_image.to(cond["y"].dtype).view(-1, 1, 1, 1, 1)
+    cond = cond.replace(pose_tokens=tokens * keep_pose.to(tokens.dtype).view(-1, 1, 1))  # [B, F*h*w, dim]
+    if cond.y is not None:
+        y = cond.y * keep_image.to(cond.y.dtype).view(-1, 1, 1, 1, 1)
         if ref_map is not None:
             y = y + (ref_map * keep_pose.to(ref_map.dtype).view(-1, 1, 1, 1, 1)).to(y.dtype)
-        cond["y"] = y
+        cond = cond.replace(clip_fea=cond.clip_fea * keep_image.to(cond.clip_fea.dtype).view(-1, 1, 1), y=y)
     return cond
 
 
 def teacher_forcing_flow(
-    model: CausalWanModel, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor, cond: dict, cache_dtype: torch.dtype
+    model: CausalWanModel,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    clean: torch.Tensor,
+    cond: Conditions,
+    cache_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The flow of each noisy block given the clean blocks before it: per block, a forward with gradient on
-    x_t's block (cache read detached), then a no-grad pass of the clean block at t = 0 writes its K/V.
+    """The flow of each noisy block given the clean blocks before it: block_rollout with a policy whose block is
+    one forward (with gradient, cache read detached) on x_t's block and whose clean context is the data's.
 
     The clean-context pass carries no gradient (the cache is a constant to each block's loss), unlike one
     block-causal forward over [clean, noisy], which would also train the keys/values of the clean frames; in a
@@ -79,20 +84,14 @@ def teacher_forcing_flow(
 
     x_t, clean [B, C, F, H, W], t [B, F] -> flow [B, C, F, H, W].
     """
-    batch, _, num_frames, height, width = x_t.shape
-    n = model.num_frame_per_block
-    tokens_per_frame = (height // model.patch_size[1]) * (width // model.patch_size[2])
-    cache = model.new_kv_cache(batch, num_frames, cache_dtype, x_t.device, latent_size=(height, width))
-    flows = []
-    for start in range(0, num_frames, n):
-        sl = slice(start, min(start + n, num_frames))
-        block_cond = block_conditions(cond, start, sl.stop - start, tokens_per_frame)
-        flows.append(model(x_t[:, :, sl], t[:, sl], **block_cond, kv_cache=cache, current_start_frame=start))
-        if sl.stop < num_frames:
-            with torch.no_grad():
-                zero_t = torch.zeros_like(t[:, sl])
-                model(clean[:, :, sl], zero_t, **block_cond, kv_cache=cache, current_start_frame=start)
-    return torch.cat(flows, dim=2)
+
+    def forced(block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = block.frames
+        return block.flow(x_t[:, :, frames], t[:, frames]), clean[:, :, frames]
+
+    _, _, num_frames, height, width = x_t.shape
+    blocks = block_rollout(model, cond, num_frames, (height, width), forced, cache_dtype=cache_dtype)
+    return torch.cat([flow for _, flow in blocks], dim=2)
 
 
 class PoseFinetune(Objective):

@@ -21,8 +21,8 @@ if __package__ in (None, ""):  # run as `python scripts/generate_ode_pairs.py`: 
 
 import torch  # noqa: E402
 
-from pipeline.causal_diffusion_inference import DEFAULT_STEPS  # noqa: E402
 from pipeline.ode_pairs import ODEPairSettings, generate_ode_pairs  # noqa: E402
+from pipeline.rollout import DEFAULT_STEPS  # noqa: E402
 from trainer.data import SyntheticPoseDataset, TensorFolderDataset  # noqa: E402
 from utils.dist import barrier, destroy, init_distributed  # noqa: E402
 from utils.scheduler import SOLVERS  # noqa: E402

@@ -14,8 +14,8 @@ from model.dmd import dmd_gradient, dmd_loss
 from model.gan import FeatureDiscriminator, SelfForcingGAN, approx_r1_penalty, discriminator_layers
 from model.ode_regression import gather_states
 from model.sid import sid_loss
-from pipeline.causal_diffusion_inference import DEFAULT_STEPS
 from pipeline.conditions import conditions
+from pipeline.rollout import DEFAULT_STEPS
 from trainer.objective import Objective, TrainContext
 from trainer.trainer import backward_per_role
 from utils.scheduler import add_noise, flow_to_x0

@@ -9,20 +9,18 @@ import torch
 from conftest import randomize, tiny_inputs, tiny_pose
 from torch.utils.data import Dataset
 
-from pipeline.causal_diffusion_inference import DEFAULT_STEPS
-from pipeline.conditions import conditions
+from pipeline.conditions import cfg_conditions, conditions
 from pipeline.ode_pairs import (
     ODEPairDataset,
     ODEPairSettings,
     capture_indices,
     causal_trajectory,
-    cfg_conditions,
-    cfg_flow,
     generate_ode_pairs,
     integrate,
     sample_path,
     teacher_trajectory,
 )
+from pipeline.rollout import DEFAULT_STEPS, cfg_flow
 from utils.scheduler import add_noise, unipc_grid
 from wan.checkpoint import save_weights
 from wan.configs import build_model

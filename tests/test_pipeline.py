@@ -12,15 +12,10 @@ import torch.nn.functional as F
 from _tiny_encoders import TINY_VAE_CONFIG, vae_official_state_dict
 from conftest import randomize, rel_err
 
-from pipeline.bidirectional_inference import TeacherPosePipeline, sample_latents
-from pipeline.causal_diffusion_inference import (
-    Conditions,
-    PreparedClip,
-    StreamingPosePipeline,
-    guided_flow,
-    image_condition,
-    stream_latents,
-)
+from pipeline.bidirectional_inference import TeacherPosePipeline
+from pipeline.causal_diffusion_inference import PreparedClip, StreamingPosePipeline, image_condition
+from pipeline.conditions import Conditions
+from pipeline.rollout import guided_flow, sample_latents, stream_latents
 from utils.scheduler import make_unipc_scheduler
 from utils.wan_wrapper import WanVAE
 from wan.configs import build_model
