@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from model.diffusion import PoseFinetune
 from model.dmd import DMD, SelfForcing
 from model.gan import SelfForcingGAN
 from model.ode_regression import ODERegression
+from model.pose_finetune import PoseFinetune
 from model.sid import SiD
 from trainer.objective import Objective
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.diffusion import draw_timesteps, flow_matching_loss
+from model.flow_matching import draw_timesteps, flow_matching_loss
 from pipeline.conditions import cfg_conditions, conditions, latent_shape
 from pipeline.rollout import DEFAULT_STEPS, cfg_flow
 from pipeline.self_forcing_rollout import backward_simulation, self_forcing_rollout

@@ -9,10 +9,11 @@ import torch
 from conftest import randomize, tiny_inputs, tiny_pose
 
 from model import REGISTRY
-from model.diffusion import dropout_conditions, teacher_forcing_flow, timesteps_from_uniform
 from model.dmd import dmd_gradient, dmd_loss
+from model.flow_matching import dropout_conditions, timesteps_from_uniform
 from model.gan import FeatureDiscriminator, SelfForcingGAN, approx_r1_penalty, discriminator_layers
 from model.ode_regression import gather_states
+from model.pose_finetune import teacher_forcing_flow
 from model.sid import sid_loss
 from pipeline.conditions import conditions
 from pipeline.rollout import DEFAULT_STEPS
