@@ -24,17 +24,16 @@ from diffusers import AutoencoderKLWan
 from transformers import CLIPVisionModel, UMT5EncoderModel
 
 import utils.text_cache as text_cache
+from utils.errors import CheckpointKeyError
 from utils.text_cache import CachedTextEncoder
 from utils.wan_wrapper import (
     ImageEncoder,
     StreamingVAEDecoder,
     TextEncoder,
-    WanDiffusionWrapper,
     WanVAE,
     clean_prompt,
     preprocess_clip_image,
 )
-from wan.checkpoint import CheckpointKeyError
 
 TEXT_LEN = 16
 PROMPTS = ["a person is dancing in the rain", "  cat &amp;amp;   dog\n on stage "]
@@ -334,39 +333,3 @@ def test_streaming_decoder_reset_and_version_pin(vae, monkeypatch):
     monkeypatch.setattr("diffusers.__version__", "0.99.0")
     with pytest.raises(RuntimeError, match="0.42.1"):
         StreamingVAEDecoder(vae)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Diffusion wrapper
-# ---------------------------------------------------------------------------------------------------------
-
-
-class ContractNet(torch.nn.Module):
-    """Follows the network contract: model(x, t, context, clip_fea, y, add_condition, **causal) -> flow."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.tensor(0.7))
-        self.seen: dict = {}
-
-    def forward(self, x, t, context, clip_fea=None, y=None, add_condition=None, **causal_kwargs):
-        self.seen = dict(clip_fea=clip_fea, y=y, add_condition=add_condition, **causal_kwargs)
-        t = t if t.ndim == 2 else t[:, None].expand(-1, x.shape[2])
-        return self.scale * x + t[:, None, :, None, None] / 1000 + context.mean()
-
-
-@pytest.mark.parametrize("per_frame", [False, True])
-def test_diffusion_wrapper_returns_flow_and_x0(per_frame):
-    gen = torch.Generator().manual_seed(0)
-    x_t = torch.randn(2, 4, 3, 2, 2, generator=gen)
-    t = torch.rand(2, 3, generator=gen) * 1000 if per_frame else torch.tensor([999.0, 250.0])
-    context, y = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 4, 3, 2, 2, generator=gen)
-    net = ContractNet()
-    wrapper = WanDiffusionWrapper(net)
-    flow, x0 = wrapper(x_t, t, context, y=y, current_start_frame=3)
-    assert net.seen["y"] is y and net.seen["current_start_frame"] == 3
-    assert torch.equal(flow, net(x_t, t, context))
-    sigma = (t.double() / 1000).view(2, 1, -1, 1, 1)
-    assert (x0.double() - (x_t.double() - sigma * flow.double())).abs().max() <= 1e-6
-    x0.sum().backward()
-    assert net.scale.grad is not None  # the wrapper keeps the graph for training
