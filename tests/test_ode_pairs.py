@@ -161,7 +161,7 @@ def test_script_end_to_end(tmp_path):
     save_weights(randomize(build_model("tiny_teacher"), seed=1), weights)
     out = tmp_path / "pairs"
     args = ["--preset", "tiny_teacher", "--weights", str(weights), "--synthetic", "2", "--out", str(out),
-            "--latent-frames", "3", "--latent-size", "2", "4", "--num-steps", "8", "--dtype", "float32"]  # fmt: skip
+            "--latent-frames", "3", "--latent-size", "2", "4", "--num-steps", "8", "--dtype", "fp32"]  # fmt: skip
     assert main(args) == 0
     data = ODEPairDataset(out)
     assert len(data) == 2 and data.settings["num_steps"] == 8
