@@ -36,12 +36,13 @@ from tqdm import tqdm
 
 from pipeline.bidirectional_inference import TeacherPosePipeline
 from pipeline.causal_diffusion_inference import (
-    DEFAULT_STEPS,
     WAN_NEGATIVE_PROMPT,
     PosePipeline,
     StreamingPosePipeline,
     check_clip_inputs,
 )
+from pipeline.rollout import DEFAULT_STEPS
+from utils.config import DTYPES
 from utils.pose import DWPoseDetector, DWPoseUnavailable, PoseSequence, align_pose, draw_pose_frames, load_keypoints
 from utils.pose.load import load_pose_frames
 from utils.text_cache import CachedTextEncoder
@@ -111,7 +112,6 @@ PATH_KEYS = {
     "pose_onnx": ("--pose-onnx", "UniAnimate-DiT"),
     "text_cache": ("--text-cache", None),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class InputError(ValueError):

@@ -18,7 +18,8 @@ import sys
 
 from omegaconf import OmegaConf
 
-from trainer.registry import objective_defaults, objective_registry
+from model import objective_registry
+from trainer.objective import objective_defaults
 from trainer.trainer import Trainer
 from utils.config import ConfigError, load_config
 from utils.dist import destroy

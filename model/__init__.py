@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from model.diffusion import PoseFinetune
 from model.dmd import DMD, SelfForcing
 from model.gan import SelfForcingGAN
 from model.ode_regression import ODERegression
+from model.pose_finetune import PoseFinetune
 from model.sid import SiD
 from model.teacher import PoseTeacherTraining
 from trainer.objective import Objective
@@ -13,3 +13,8 @@ from trainer.objective import Objective
 REGISTRY: dict[str, type[Objective]] = {
     cls.name: cls for cls in (ODERegression, PoseFinetune, DMD, SiD, SelfForcing, SelfForcingGAN, PoseTeacherTraining)
 }
+
+
+def objective_registry() -> dict[str, type[Objective]]:
+    """A copy of REGISTRY: what train.py hands the trainer (which never imports the objectives itself)."""
+    return dict(REGISTRY)

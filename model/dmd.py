@@ -12,11 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.diffusion import draw_timesteps, flow_matching_loss
-from pipeline.causal_diffusion_inference import DEFAULT_STEPS
-from pipeline.conditions import cfg_conditions, conditions
-from pipeline.ode_pairs import cfg_flow
-from pipeline.self_forcing_rollout import backward_simulation, latent_shape, self_forcing_rollout
+from model.flow_matching import draw_timesteps, flow_matching_loss
+from pipeline.conditions import cfg_conditions, conditions, latent_shape
+from pipeline.rollout import DEFAULT_STEPS, cfg_flow
+from pipeline.self_forcing_rollout import backward_simulation, self_forcing_rollout
 from trainer.objective import Objective, StepOutput, TrainContext
 from utils.scheduler import add_noise, flow_to_x0
 from wan.modules.causal_model import CausalWanModel

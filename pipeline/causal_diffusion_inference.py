@@ -3,9 +3,10 @@ video frames, block by block.
 
 Per clip, once: the reference is VAE-encoded (fp32) into `y` (mask + latents of [reference, zeros...]), CLIP
 sees the reference, the prompt goes through the (cached) text encoder, and `model.encode_pose` turns the whole
-pose clip into pose tokens and the reference-pose map (added to `y`). Per block of latent frames: a few
-denoising steps through the KV cache (re-noising the x0 prediction between steps), one clean pass at t = 0 that
-writes the block's K/V for the blocks after it, and the block's latents go straight to the streaming VAE.
+pose clip into pose tokens and the reference-pose map (added to `y`). Per block of latent frames
+(pipeline.rollout.stream_latents): a few denoising steps through the KV cache (re-noising the x0 prediction
+between steps), one clean pass at t = 0 that writes the block's K/V for the blocks after it, and the block's
+latents go straight to the streaming VAE.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from utils.scheduler import add_noise, flow_to_x0, warp_timesteps
+from pipeline.conditions import Conditions
+from pipeline.rollout import DEFAULT_STEPS, stream_latents
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.model import WanModel
-from wan.modules.pose import pose_latent_frames, pose_tokens_for_frames
+from wan.modules.pose import pose_latent_frames
 
 if TYPE_CHECKING:  # the VAE wrapper pulls in diffusers; the latent-only path does not need it
     from utils.wan_wrapper import WanVAE
 
-# Self-Forcing's 4-step list [1000, 750, 500, 250] on the shift-5 grid.
-DEFAULT_STEPS = tuple(warp_timesteps([1000, 750, 500, 250], shift=5.0))
 # Wan2.1's default negative prompt (the unconditional branch of CFG).
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
@@ -36,20 +36,6 @@ VAE_STRIDE = (4, 8, 8)  # temporal, height, width: 1 + 4k frames -> k + 1 latent
 
 TextEncoderFn = Callable[[Sequence[str]], torch.Tensor]  # prompts -> [B, text_len, text_dim]
 ImageEncoderFn = Callable[[torch.Tensor], torch.Tensor]  # [B, 3, H, W] in [-1, 1] -> [B, 257, clip_dim]
-
-
-@dataclass
-class Conditions:
-    """Per-clip conditioning, whole clip (sliced per block here).
-
-    context [B, L, text_dim]; clip_fea [B, 257, clip_dim] (i2v); y [B, C_y, F, H, W] (i2v: mask + reference
-    latent, ref-pose map already added); pose_tokens [B, F*h*w, dim] from model.encode_pose or None.
-    """
-
-    context: torch.Tensor
-    clip_fea: torch.Tensor | None = None
-    y: torch.Tensor | None = None
-    pose_tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,12 +63,6 @@ class VideoBlock:
     latents: torch.Tensor
     frame_start: int
     frames: torch.Tensor
-
-
-def guided_flow(cond_flow: torch.Tensor, uncond_flow: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance, the convention everywhere in the repo: u + w (c - u), in fp32."""
-    uncond_flow = uncond_flow.float()
-    return uncond_flow + scale * (cond_flow.float() - uncond_flow)
 
 
 def image_condition(vae: WanVAE, ref_image: torch.Tensor, num_frames: int, y_channels: int) -> torch.Tensor:
@@ -139,9 +119,8 @@ class PosePipeline:
     `prepare` computes the clip's conditioning once; `stream` yields VideoBlocks as soon as each block's frames
     are decoded (the streaming VAE keeps its causal cache across blocks); `generate` returns the whole video
     from one VAE decode of all latents (the reference the streamed frames must equal). Subclasses say how the
-    latents are sampled (`latent_blocks`). CFG (guidance_scale != 1) adds an unconditional branch: the negative
-    prompt, the same CLIP features and `y` (reference-pose map included, as UniAnimate-DiT does) and no pose
-    tokens.
+    latents are sampled (`latent_blocks`). CFG (guidance_scale != 1) adds an unconditional branch
+    (Conditions.unconditional: the negative prompt, the same CLIP features and `y`, no pose tokens).
     """
 
     def __init__(
@@ -203,8 +182,7 @@ class PosePipeline:
         cond = Conditions(context, clip_fea, y, pose_tokens)
         uncond = None
         if self.guidance_scale != 1.0:
-            negative = self.text_encoder([self.negative_prompt] * batch).to(device)
-            uncond = Conditions(negative, clip_fea, y, None)
+            uncond = cond.unconditional(self.text_encoder([self.negative_prompt] * batch).to(device))
         latent_size = (height // VAE_STRIDE[1], width // VAE_STRIDE[2])
         return PreparedClip(cond, uncond, num_frames, latent_size)
 
@@ -256,58 +234,3 @@ class StreamingPosePipeline(PosePipeline):
             self.model, clip.cond, clip.latent_frames, clip.latent_size, self.steps, generator=generator,
             dtype=self.dtype, uncond=clip.uncond, guidance_scale=self.guidance_scale,
         )  # fmt: skip
-
-
-@torch.no_grad()
-def stream_latents(
-    model: CausalWanModel,
-    cond: Conditions,
-    num_frames: int,
-    latent_size: tuple[int, int],
-    steps: Sequence[float] = DEFAULT_STEPS,
-    context_t: float = 0.0,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    uncond: Conditions | None = None,
-    guidance_scale: float = 1.0,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (start_frame, clean latents [B, 16, n, H, W]) for each block as soon as it exists.
-
-    num_frames and latent_size are in latent frames and latent pixels. Deterministic for a seeded `generator`.
-    With `uncond` and guidance_scale != 1 each step is guided (u + w (c - u)); the unconditional branch has its
-    own KV cache. With a local attention window any num_frames streams through a fixed-size cache.
-    """
-    batch, device = cond.context.shape[0], cond.context.device
-    height, width = latent_size
-    n = model.num_frame_per_block
-    tokens_per_frame = (height // model.patch_size[1]) * (width // model.patch_size[2])
-    branches = [cond] if uncond is None or guidance_scale == 1.0 else [cond, uncond]
-    caches = [model.new_kv_cache(batch, num_frames, dtype, device, latent_size=latent_size) for _ in branches]
-
-    def forward(x: torch.Tensor, t: torch.Tensor, start: int) -> list[torch.Tensor]:
-        """The flow of every branch for one block; each branch (over)writes the block's K/V in its own cache."""
-        frames = x.shape[2]
-        flows = []
-        for c, cache in zip(branches, caches, strict=True):
-            y = None if c.y is None else c.y[:, :, start : start + frames]
-            pose = None
-            if c.pose_tokens is not None:
-                pose = pose_tokens_for_frames(c.pose_tokens, start, frames, tokens_per_frame)
-            flows.append(model(x, t, c.context, c.clip_fea, y, pose, kv_cache=cache, current_start_frame=start))
-        return flows
-
-    for start in range(0, num_frames, n):
-        frames = min(n, num_frames - start)
-        shape = (batch, model.out_dim, frames, height, width)
-        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-        for i, t in enumerate(steps):
-            t_vec = torch.full((batch, frames), float(t), device=device)
-            flows = forward(x, t_vec, start)
-            flow = flows[0].float() if len(flows) == 1 else guided_flow(flows[0], flows[1], guidance_scale)
-            x0 = flow_to_x0(flow, x, t_vec)
-            if i + 1 < len(steps):
-                noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-                x = add_noise(x0, noise, torch.full_like(t_vec, float(steps[i + 1])))
-        if start + frames < num_frames:  # clean K/V for the blocks after this one (none after the last)
-            forward(x0, torch.full((batch, frames), float(context_t), device=device), start)
-        yield start, x0

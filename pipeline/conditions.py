@@ -1,56 +1,103 @@
-"""Model conditioning from a batch, in one place for training and sampling: `conditions` (the kwargs of
-`model(x, t, **cond)`), `cfg_conditions` (the conditional and unconditional branches of CFG) and `block_conditions`
-(the slice of whole-clip conditions for one block of latent frames)."""
+"""The conditioning of a network call, one type for training and sampling: `Conditions` (text, CLIP, y, pose
+tokens; sliced per block; its CFG unconditional branch built in one place), `conditions` / `cfg_conditions`
+(from a batch) and `latent_shape` (the clip a batch describes)."""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn as nn
 
 from wan.modules.pose import pose_tokens_for_frames
 
+# The network's keyword names (forward(x, t, context, clip_fea, y, add_condition)); pose tokens are passed as
+# add_condition, UniAnimate's name for them.
+_KWARGS = ("context", "clip_fea", "y", "add_condition")
 
-def conditions(model: nn.Module, batch: dict[str, torch.Tensor], use_pose: bool = True) -> dict:
-    """The keyword conditioning of `model(x, t, **conditions)` from a batch: text, CLIP and y for i2v models,
-    pose tokens and the ref-pose map for pose models.
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Conditions(Mapping):
+    """Whole-clip conditioning of `model(x, t, **cond)`.
+
+    context [B, L, text_dim]; clip_fea [B, 257, clip_dim] (i2v); y [B, C_y, F, H, W] (i2v: mask + reference
+    latent, ref-pose map already added); pose_tokens [B, F*h*w, dim] from model.encode_pose, or None.
+    As a mapping its keys are the network's keywords (pose_tokens under "add_condition"), so `**cond` is a call.
+    """
+
+    context: torch.Tensor
+    clip_fea: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    pose_tokens: torch.Tensor | None = None
+
+    def __getitem__(self, key: str) -> torch.Tensor | None:
+        if key not in _KWARGS:
+            raise KeyError(key)
+        return self.pose_tokens if key == "add_condition" else getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_KWARGS)
+
+    def __len__(self) -> int:
+        return len(_KWARGS)
+
+    def replace(self, **changes: torch.Tensor | None) -> Conditions:
+        return dataclasses.replace(self, **changes)
+
+    def unconditional(self, negative_context: torch.Tensor) -> Conditions:
+        """CFG's unconditional branch, built only here: the negative prompt and no pose tokens; CLIP and y (the
+        ref-pose map included) stay, as UniAnimate-DiT samples. Training's condition dropout is another thing
+        (conditions(use_pose=False) drops the ref-pose map too)."""
+        return self.replace(context=negative_context, pose_tokens=None)
+
+    def block(self, start: int, frames: int, tokens_per_frame: int) -> Conditions:
+        """The slice for latent frames [start, start + frames): y and pose tokens are per frame, the rest whole."""
+        y = None if self.y is None else self.y[:, :, start : start + frames]
+        pose = None
+        if self.pose_tokens is not None:
+            pose = pose_tokens_for_frames(self.pose_tokens, start, frames, tokens_per_frame)
+        return self.replace(y=y, pose_tokens=pose)
+
+
+def conditions(model: nn.Module, batch: dict[str, torch.Tensor], use_pose: bool = True) -> Conditions:
+    """The conditioning of `model(x, t, **conditions)` from a batch: text, CLIP and y for i2v models, pose
+    tokens and the ref-pose map for pose models (each network computes its own tokens from `pose`).
 
     use_pose=False drops both pose inputs (tokens and ref-pose map): UniAnimate's training-time condition
-    dropout. CFG's unconditional branch is different on purpose and built in one place,
-    cfg_conditions below: negative prompt, no pose tokens, ref-pose map kept (UniAnimate samples so).
+    dropout. CFG's unconditional branch differs on purpose: Conditions.unconditional.
     """
-    out: dict[str, torch.Tensor | None] = {
-        "context": batch["context"],
-        "clip_fea": None,
-        "y": None,
-        "add_condition": None,
-    }
-    ref_map = None
+    pose_tokens = ref_map = clip_fea = y = None
     if use_pose and getattr(model, "pose_dim", None) is not None and "pose" in batch:
-        out["add_condition"], ref_map = model.encode_pose(batch["pose"], batch.get("ref_pose"))
+        pose_tokens, ref_map = model.encode_pose(batch["pose"], batch.get("ref_pose"))
     if getattr(model, "model_type", "t2v") == "i2v":
-        out["clip_fea"] = batch["clip_fea"]
-        out["y"] = batch["y"] if ref_map is None else batch["y"] + ref_map.to(batch["y"].dtype)
-    return out
+        clip_fea = batch["clip_fea"]
+        y = batch["y"] if ref_map is None else batch["y"] + ref_map.to(batch["y"].dtype)
+    return Conditions(batch["context"], clip_fea, y, pose_tokens)
 
 
-def cfg_conditions(model: nn.Module, batch: dict[str, torch.Tensor], guidance: float) -> tuple[dict, dict | None]:
-    """(cond, uncond) model kwargs for cfg_flow, pose tokens computed once per clip. The unconditional branch
-    is the conditional one with the negative prompt and no pose tokens; CLIP and y (ref-pose map included)
-    stay, as UniAnimate-DiT samples and as PosePipeline does. guidance 1: no unconditional branch."""
+def cfg_conditions(
+    model: nn.Module, batch: dict[str, torch.Tensor], guidance: float
+) -> tuple[Conditions, Conditions | None]:
+    """(cond, uncond) for CFG from a batch, pose tokens computed once per clip; guidance 1: no unconditional
+    branch. The unconditional branch needs batch['neg_context'] (the negative prompt's embeddings)."""
     cond = conditions(model, batch)
     if guidance == 1.0:
         return cond, None
     if "neg_context" not in batch:
         raise ValueError(f"guidance={guidance} needs batch['neg_context'] (the negative prompt's embeddings)")
-    return cond, {**cond, "context": batch["neg_context"], "add_condition": None}
+    return cond, cond.unconditional(batch["neg_context"])
 
 
-def block_conditions(cond: dict, start: int, frames: int, tokens_per_frame: int) -> dict:
-    """The slice of whole-clip conditions (from `conditions` or `cfg_conditions`) for latent frames
-    [start, start + frames)."""
-    out = dict(cond)
-    if cond.get("y") is not None:
-        out["y"] = cond["y"][:, :, start : start + frames]
-    if cond.get("add_condition") is not None:
-        out["add_condition"] = pose_tokens_for_frames(cond["add_condition"], start, frames, tokens_per_frame)
-    return out
+def latent_shape(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[int, int, int, int, int]:
+    """[B, out_dim, F, H, W] of the clip a batch describes: from `y`, else `latents`, else the pose frames."""
+    if "y" in batch:
+        b, _, f, h, w = batch["y"].shape
+    elif "latents" in batch:
+        b, _, f, h, w = batch["latents"].shape
+    elif "pose" in batch:
+        b, _, frames, height, width = batch["pose"].shape  # [B, 3, 4F-3, 8H, 8W]
+        f, h, w = (frames + 3) // 4, height // 8, width // 8
+    else:
+        raise ValueError(f"cannot size the generated clip: the batch has none of y, latents, pose ({sorted(batch)})")
+    return b, model.out_dim, f, h, w

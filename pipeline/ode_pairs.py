@@ -22,13 +22,12 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from pipeline.causal_diffusion_inference import DEFAULT_STEPS, guided_flow
-from pipeline.conditions import block_conditions, cfg_conditions
-from pipeline.self_forcing_rollout import latent_shape
+from pipeline.conditions import cfg_conditions, latent_shape
+from pipeline.rollout import DEFAULT_STEPS, Block, block_rollout, cfg_flow
 from utils.dist import barrier
 from utils.safetensors_io import atomic_save_safetensors, atomic_write_text, load_file
 from utils.scheduler import FlowFn, solve_flow_ode, unipc_grid
-from wan.modules.causal_model import CausalWanModel, KVCache
+from wan.modules.causal_model import CausalWanModel
 from wan.modules.model import WanModel
 
 log = logging.getLogger(__name__)
@@ -50,28 +49,6 @@ class ODEPairSettings:
     student_steps: tuple[float, ...] = field(default_factory=lambda: tuple(DEFAULT_STEPS))
     causal: bool = False
     seed: int = 0
-
-
-def cfg_flow(
-    model: WanModel,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    cond: dict,
-    uncond: dict | None,
-    guidance: float,
-    caches: tuple[KVCache, KVCache | None] | None = None,
-    start: int = 0,
-) -> torch.Tensor:
-    """The guided flow u + w (c - u) (fp32) from cfg_conditions' kwargs; guidance 1 runs only the conditional
-    branch. caches: (cond, uncond) KV caches for a causal model's cached call at `start`, one per branch."""
-    cached = caches is not None
-    c = model(x, t, **cond, **({"kv_cache": caches[0], "current_start_frame": start} if cached else {}))
-    if guidance == 1.0:
-        return c.float()
-    if uncond is None:
-        raise ValueError(f"guidance={guidance} needs the unconditional branch: give the batch a neg_context")
-    u = model(x, t, **uncond, **({"kv_cache": caches[1], "current_start_frame": start} if cached else {}))
-    return guided_flow(c, u, guidance)
 
 
 def capture_indices(grid_t: torch.Tensor, targets: Sequence[float]) -> list[int]:
@@ -123,36 +100,31 @@ def causal_trajectory(
     noise: torch.Tensor,
     settings: ODEPairSettings,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A causal model generates block by block from its own cached clean blocks, solving each block's ODE on the
-    same grid; the captured states are assembled into whole-clip pairs. Same output as teacher_trajectory."""
+    """A causal model generates block by block from its own cached clean blocks (pipeline.rollout.block_rollout),
+    solving each block's ODE on the same grid from its slice of `noise`; the captured states are assembled into
+    whole-clip pairs. Same output as teacher_trajectory."""
     if not isinstance(model, CausalWanModel):
         raise TypeError(f"the causal variant needs a CausalWanModel, got {type(model).__name__}")
-    b, _, num_frames, height, width = noise.shape
-    n = model.num_frame_per_block
-    tokens_per_frame = (height // model.patch_size[1]) * (width // model.patch_size[2])
+    _, _, num_frames, height, width = noise.shape
     cond, uncond = cfg_conditions(model, batch, settings.guidance)
-    dtype = model.patch_embedding.weight.dtype  # K/V are cached in the network's compute dtype
+    exact_t = []
 
-    def new_cache():
-        return model.new_kv_cache(b, num_frames, dtype, noise.device, latent_size=(height, width))
+    def solve(block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = block.shape[2]
 
-    caches = (new_cache(), new_cache() if uncond is not None else None)
-    per_block, exact_t = [], None
-    for start in range(0, num_frames, n):
-        frames = min(n, num_frames - start)
-        block_cond = block_conditions(cond, start, frames, tokens_per_frame)
-        block_uncond = None if uncond is None else block_conditions(uncond, start, frames, tokens_per_frame)
+        def flow_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return block.flow(x, t[:, None].expand(-1, frames))  # the solver's t [B] -> per frame [B, frames]
 
-        def flow_fn(x, t, c=block_cond, u=block_uncond, s=start, f=frames):
-            return cfg_flow(model, x, t[:, None].expand(-1, f), c, u, settings.guidance, caches, s)
+        states, clean, block_t = integrate(flow_fn, noise[:, :, block.frames].float(), settings)
+        exact_t.append(block_t)
+        return torch.stack(states + [clean], dim=1), clean  # [B, S, C, frames, H, W], the block's clean end
 
-        states, clean, exact_t = integrate(flow_fn, noise[:, :, start : start + frames].float(), settings)
-        per_block.append(torch.stack(states + [clean], dim=1))  # [B, S, C, frames, H, W]
-        t_ctx = torch.zeros(b, frames, device=noise.device)
-        model(clean, t_ctx, **block_cond, kv_cache=caches[0], current_start_frame=start)
-        if caches[1] is not None:
-            model(clean, t_ctx, **block_uncond, kv_cache=caches[1], current_start_frame=start)
-    return torch.cat(per_block, dim=3), exact_t
+    blocks = block_rollout(
+        model, cond, num_frames, (height, width), solve, uncond=uncond, guidance=settings.guidance,
+        cache_dtype=model.patch_embedding.weight.dtype,  # K/V are cached in the network's compute dtype
+    )  # fmt: skip
+    per_block = [states for _, states in blocks]
+    return torch.cat(per_block, dim=3), exact_t[-1]
 
 
 # ----------------------------------------------------------------------------- on disk

@@ -32,13 +32,14 @@ if __package__ in (None, ""):  # run as `python scripts/benchmark_inference.py`:
 from diffusers import AutoencoderKLWan  # noqa: E402
 from transformers import CLIPVisionModel  # noqa: E402
 
-from pipeline.causal_diffusion_inference import DEFAULT_STEPS, StreamingPosePipeline, stream_latents  # noqa: E402
+from pipeline.causal_diffusion_inference import StreamingPosePipeline  # noqa: E402
+from pipeline.rollout import DEFAULT_STEPS, stream_latents  # noqa: E402
+from utils.config import DTYPES  # noqa: E402
 from utils.wan_wrapper import WAN21_VAE_CONFIG, ImageEncoder, WanVAE, clip_vit_h14_config  # noqa: E402
 from wan.configs import build_model  # noqa: E402
 from wan.modules import attention  # noqa: E402
 
 log = logging.getLogger("benchmark_inference")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class Clock:

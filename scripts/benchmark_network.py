@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.config import DTYPES  # noqa: E402
 from wan.configs import build_model  # noqa: E402
 from wan.modules.pose import pose_tokens_for_frames  # noqa: E402
 
 log = logging.getLogger("benchmark_network")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def timed(fn, repeats: int = 1) -> tuple[float, object]:

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.registry import objective_defaults, objective_registry  # noqa: E402
+from model import objective_registry  # noqa: E402
+from trainer.objective import objective_defaults  # noqa: E402
 from trainer.trainer import Trainer  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.dist import destroy  # noqa: E402

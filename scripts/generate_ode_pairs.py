@@ -19,18 +19,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python scripts/generate_ode_pairs.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
-from pipeline.causal_diffusion_inference import DEFAULT_STEPS  # noqa: E402
 from pipeline.ode_pairs import ODEPairSettings, generate_ode_pairs  # noqa: E402
+from pipeline.rollout import DEFAULT_STEPS  # noqa: E402
 from trainer.data import SyntheticPoseDataset, TensorFolderDataset  # noqa: E402
+from utils.config import DTYPES  # noqa: E402
 from utils.dist import barrier, destroy, init_distributed  # noqa: E402
 from utils.scheduler import SOLVERS  # noqa: E402
 from wan.checkpoint import load_pose_weights, load_weights  # noqa: E402
 from wan.configs import build_model, get_config  # noqa: E402
 
 logger = logging.getLogger("generate_ode_pairs")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-steps", type=float, nargs="+", default=list(DEFAULT_STEPS), help="capture timesteps")
     p.add_argument("--causal", action="store_true", help="causal variant: a causal model, block by block")
     p.add_argument("--seed", type=int, default=0, help="noise of sample i is a function of (seed, i)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="network dtype")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="network dtype")
     return p
 
 

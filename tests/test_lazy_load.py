@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny_pose
 
-import wan.checkpoint as ckpt
+import wan.loading as loading
 from wan.configs import build_model
 
 
@@ -26,8 +26,8 @@ def unianimate_checkpoint(path, seed=7):
 def test_lazy_pose_weights(tmp_path, monkeypatch):
     expected = unianimate_checkpoint(tmp_path / "unianimate.ckpt")
     reads = []
-    real = ckpt.load_checkpoint
-    monkeypatch.setattr(ckpt, "load_checkpoint", lambda p, *a, **k: reads.append(p) or real(p, *a, **k))
+    real = loading.load_checkpoint
+    monkeypatch.setattr(loading, "load_checkpoint", lambda p, *a, **k: reads.append(p) or real(p, *a, **k))
     model = build_model("tiny", pose_weights_path=str(tmp_path / "unianimate.ckpt"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert reads == []  # construction reads nothing
@@ -54,5 +54,5 @@ def test_pose_weights_of_the_wrong_width_are_rejected(tmp_path):
     unianimate_checkpoint(tmp_path / "u.ckpt")
     model = build_model("tiny", pose_dim=64, pose_weights_path=str(tmp_path / "u.ckpt"))
     pose, _ = tiny_pose(batch=1, latent_frames=3)
-    with pytest.raises(ckpt.CheckpointKeyError, match="dwpose_embedding.12.weight has shape"):
+    with pytest.raises(loading.CheckpointKeyError, match="dwpose_embedding.12.weight has shape"):
         model.encode_pose(pose)

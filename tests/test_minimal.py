@@ -5,7 +5,8 @@ mp4, is tests/test_inference_cli.py.)"""
 import torch
 from conftest import randomize, rel_err, tiny_inputs, tiny_pose
 
-from pipeline.causal_diffusion_inference import Conditions, stream_latents
+from pipeline.conditions import Conditions
+from pipeline.rollout import stream_latents
 from wan.configs import build_model
 
 

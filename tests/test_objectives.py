@@ -9,13 +9,14 @@ import torch
 from conftest import randomize, tiny_inputs, tiny_pose
 
 from model import REGISTRY
-from model.diffusion import dropout_conditions, teacher_forcing_flow, timesteps_from_uniform
 from model.dmd import dmd_gradient, dmd_loss
+from model.flow_matching import draw_timesteps, dropout_conditions, timesteps_from_uniform
 from model.gan import FeatureDiscriminator, SelfForcingGAN, approx_r1_penalty, discriminator_layers
 from model.ode_regression import gather_states
+from model.pose_finetune import teacher_forcing_flow
 from model.sid import sid_loss
-from pipeline.causal_diffusion_inference import DEFAULT_STEPS
 from pipeline.conditions import conditions
+from pipeline.rollout import DEFAULT_STEPS
 from trainer.objective import Objective, TrainContext
 from trainer.trainer import backward_per_role
 from utils.scheduler import add_noise, flow_to_x0
@@ -186,6 +187,23 @@ def test_timesteps_from_uniform_formula():
     u = torch.tensor([0.0, 0.001, 0.25, 0.5, 0.999])
     expected = [min(max(1000 * 5 * v / (1 + 4 * v), 20), 980) for v in u.double().tolist()]
     assert timesteps_from_uniform(u, 5.0, 20, 980).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_draw_timesteps_per_sample_streams_and_distribution():
+    ctx = TrainContext(torch.device("cpu"), torch.float32, seed=3)
+    ctx.begin_step(5, [0, 1, 2, 3])
+    opts = {"shift": 5.0, "min_t": 20.0, "max_t": 980.0}
+    t = draw_timesteps(ctx, (4, 2), opts)
+    ctx.begin_step(5, [0, 1, 2, 3])
+    u = ctx.rand(4, 2).double()  # the same per-sample streams
+    assert t.shape == (4, 2) and t.dtype == torch.float32
+    assert torch.equal(t, (1000 * 5 * u / (1 + 4 * u)).clamp(20, 980).float())  # one rounding of the float64 t
+
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(1))
+    t = timesteps_from_uniform(u, 5.0, 20, 980)
+    assert t.min() >= 20 and t.max() <= 980
+    assert abs(t.median().item() - 1000 * 2.5 / 3) < 10  # u = 0.5 -> 5 * 0.5 / (1 + 4 * 0.5)
+    assert abs((t == 980).float().mean().item() - (1 - 0.98 / (5 - 4 * 0.98))) < 0.01  # P(shifted u > 0.98)
 
 
 def test_gather_states_picks_one_state_per_frame():

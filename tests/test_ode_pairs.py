@@ -9,20 +9,18 @@ import torch
 from conftest import randomize, tiny_inputs, tiny_pose
 from torch.utils.data import Dataset
 
-from pipeline.causal_diffusion_inference import DEFAULT_STEPS
-from pipeline.conditions import conditions
+from pipeline.conditions import cfg_conditions, conditions
 from pipeline.ode_pairs import (
     ODEPairDataset,
     ODEPairSettings,
     capture_indices,
     causal_trajectory,
-    cfg_conditions,
-    cfg_flow,
     generate_ode_pairs,
     integrate,
     sample_path,
     teacher_trajectory,
 )
+from pipeline.rollout import DEFAULT_STEPS, cfg_flow
 from utils.scheduler import add_noise, unipc_grid
 from wan.checkpoint import save_weights
 from wan.configs import build_model
@@ -163,7 +161,7 @@ def test_script_end_to_end(tmp_path):
     save_weights(randomize(build_model("tiny_teacher"), seed=1), weights)
     out = tmp_path / "pairs"
     args = ["--preset", "tiny_teacher", "--weights", str(weights), "--synthetic", "2", "--out", str(out),
-            "--latent-frames", "3", "--latent-size", "2", "4", "--num-steps", "8", "--dtype", "float32"]  # fmt: skip
+            "--latent-frames", "3", "--latent-size", "2", "4", "--num-steps", "8", "--dtype", "fp32"]  # fmt: skip
     assert main(args) == 0
     data = ODEPairDataset(out)
     assert len(data) == 2 and data.settings["num_steps"] == 8

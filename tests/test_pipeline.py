@@ -12,15 +12,10 @@ import torch.nn.functional as F
 from _tiny_encoders import TINY_VAE_CONFIG, vae_official_state_dict
 from conftest import randomize, rel_err
 
-from pipeline.bidirectional_inference import TeacherPosePipeline, sample_latents
-from pipeline.causal_diffusion_inference import (
-    Conditions,
-    PreparedClip,
-    StreamingPosePipeline,
-    guided_flow,
-    image_condition,
-    stream_latents,
-)
+from pipeline.bidirectional_inference import TeacherPosePipeline
+from pipeline.causal_diffusion_inference import PreparedClip, StreamingPosePipeline, image_condition
+from pipeline.conditions import Conditions
+from pipeline.rollout import guided_flow, sample_latents, stream_latents
 from utils.scheduler import make_unipc_scheduler
 from utils.wan_wrapper import WanVAE
 from wan.configs import build_model
@@ -49,7 +44,9 @@ def fake_image_encoder(tokens: int = 5, clip_dim: int = 40):
 def vae(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae") / "Wan2.1_VAE.pth"
     torch.save(vae_official_state_dict(TINY_VAE_CONFIG), path)
-    return WanVAE(path, device="cpu", dtype=torch.float32, config=TINY_VAE_CONFIG)
+    # Decoding in float64 (encode is always fp32): streamed and one-shot decoding run the 1x1x1 post_quant_conv
+    # on chunks of different lengths, which float32 kernels may round differently on another CPU.
+    return WanVAE(path, device="cpu", dtype=torch.float64, config=TINY_VAE_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +108,10 @@ def test_same_seed_same_video_and_stream_equals_generate(student, vae):
     streamed = torch.cat([b.frames for b in blocks], dim=2)
     assert streamed.shape == (1, 3, 21, HEIGHT, WIDTH) and torch.isfinite(streamed).all()
     assert torch.equal(streamed, torch.cat([b.frames for b in pipe.stream(clip, seed=0)], dim=2))
-    assert torch.equal(streamed, pipe.generate(clip, seed=0))  # streaming == one-shot decode of all latents
+    # Streaming == one decode of all latents. The decodes differ only in post_quant_conv's chunk length, in
+    # float64 (differences ~1e-16); the one float32 step is the final cast, so at most one float32 ulp apart
+    # (eps covers every value in [-1, 1]).
+    torch.testing.assert_close(streamed, pipe.generate(clip, seed=0), rtol=0, atol=torch.finfo(torch.float32).eps)
     assert rel_err(pipe.generate(clip, seed=1), streamed) > 1e-2
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from model import objective_registry
 from trainer.ema import EMA
-from trainer.registry import objective_defaults, objective_registry
+from trainer.objective import objective_defaults
 from trainer.roles import build_role, make_optimizer, parallel_mode
 from utils.config import ConfigError, load_config
 from utils.dist import init_distributed, init_single_process_group

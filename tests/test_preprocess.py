@@ -6,8 +6,9 @@ from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
 from transformers import CLIPVisionModel, UMT5EncoderModel
 
+from model import objective_registry
 from scripts import make_toy_dataset, preprocess_data
-from trainer.registry import objective_defaults, objective_registry
+from trainer.objective import objective_defaults
 from trainer.trainer import Trainer
 from utils.config import ROOT, load_config
 from utils.tiny_assets import TINY_VAE_CONFIG, make_tokenizer, tiny_clip_config, tiny_umt5_config

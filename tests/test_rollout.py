@@ -1,6 +1,7 @@
-"""pipeline/self_forcing_rollout.py: gradient reaches only each block's exit step (hooks on every generator
-call's input), no gradient crosses blocks through the KV cache, and without gradient the rollout is exactly
-the streaming sampler."""
+"""pipeline/rollout.py and pipeline/self_forcing_rollout.py: gradient reaches only each block's exit step (hooks
+on every generator call's input), no gradient crosses blocks through the KV cache; without gradient the
+Self-Forcing rollout is exactly the streaming sampler (the same block_rollout), and the causal ODE trajectory
+agrees with both where their settings agree (one Euler step)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import pytest
 import torch
 from conftest import randomize, tiny_inputs, tiny_pose
 
-from pipeline.causal_diffusion_inference import DEFAULT_STEPS, Conditions, stream_latents
-from pipeline.conditions import conditions
-from pipeline.self_forcing_rollout import backward_simulation, latent_shape, self_forcing_rollout
+from pipeline.conditions import cfg_conditions, conditions, latent_shape
+from pipeline.ode_pairs import ODEPairSettings, causal_trajectory
+from pipeline.rollout import DEFAULT_STEPS, stream_latents
+from pipeline.self_forcing_rollout import backward_simulation, self_forcing_rollout
 from trainer.objective import TrainContext
+from utils.scheduler import unipc_grid
 from wan.configs import build_model
 
 FRAMES, HEIGHT, WIDTH = 9, 2, 4  # three blocks of three latent frames
@@ -93,10 +96,41 @@ def test_without_grad_the_rollout_is_the_streaming_sampler():
         rollout = self_forcing_rollout(
             model, cond, shape, DEFAULT_STEPS, len(DEFAULT_STEPS) - 1, _noise(7), torch.float32
         )
-    stream_cond = Conditions(cond["context"], cond["clip_fea"], cond["y"], cond["add_condition"])
-    blocks = stream_latents(model, stream_cond, FRAMES, (HEIGHT, WIDTH), generator=torch.Generator().manual_seed(7))
+    blocks = stream_latents(model, cond, FRAMES, (HEIGHT, WIDTH), generator=torch.Generator().manual_seed(7))
     streamed = torch.cat([x0 for _, x0 in blocks], dim=2)
     assert torch.equal(rollout, streamed)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_causal_ode_trajectory_agrees_with_the_stream_and_the_rollout(guidance):
+    """One Euler step from the grid's first t is one few-step denoising step at that t: x + (0 - sigma) flow is
+    flow_to_x0, and the Euler update re-noises that x0 to t = 0, (1 - 0) x0 + 0 eps, which is x0 exactly. Both
+    run the same block_rollout (same network calls on the same shapes, the same clean context pass, CFG with a
+    cache per branch), so the ODE's clean end equals the streamed clip bit for bit, with and without guidance,
+    and equals the Self-Forcing rollout when unguided."""
+    model, data = _setup(batch=2)
+    data["neg_context"] = 0.3 * data["context"].flip(1)
+    t0 = float(unipc_grid(1, 5.0)[1][0])  # the official grid's first t (999.8 on the shift-5 grid)
+    settings = ODEPairSettings(num_steps=1, solver="euler", guidance=guidance, student_steps=(t0,))
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.cat([torch.randn(2, 16, 3, HEIGHT, WIDTH, generator=gen) for _ in range(3)], dim=2)  # per block
+    ode_latents, ode_t = causal_trajectory(model, data, noise, settings)
+    assert ode_t.tolist() == [t0, 0.0] and torch.equal(ode_latents[:, 0], noise)
+
+    cond, uncond = cfg_conditions(model, data, guidance)
+    blocks = stream_latents(model, cond, FRAMES, (HEIGHT, WIDTH), [t0], generator=torch.Generator().manual_seed(5),
+                            uncond=uncond, guidance_scale=guidance)  # fmt: skip
+    streamed = torch.cat([x0 for _, x0 in blocks], dim=2)
+    assert torch.equal(ode_latents[:, -1], streamed)
+    if guidance == 1.0:
+        with torch.no_grad():
+            rollout = self_forcing_rollout(model, cond, latent_shape(model, data), [t0], 0, _noise(5), torch.float32)
+        assert torch.equal(rollout, streamed)
+    else:  # guidance steers: the guided clip is not the unguided one
+        seed = torch.Generator().manual_seed(5)
+        unguided = stream_latents(model, cond, FRAMES, (HEIGHT, WIDTH), [t0], generator=seed)
+        plain = torch.cat([x0 for _, x0 in unguided], dim=2)
+        assert (plain - streamed).abs().max() > 1e-3
 
 
 def test_backward_simulation_grad_only_at_exit():
@@ -106,7 +140,7 @@ def test_backward_simulation_grad_only_at_exit():
     out = backward_simulation(model, cond, latent_shape(model, data), DEFAULT_STEPS, 2, _noise())
     rec.handle.remove()
     assert [c["grad"] for c in rec.calls] == [False, False, True]
-    assert [float(c["t"][0]) for c in rec.calls] == pytest.approx(list(DEFAULT_STEPS[:3]))
+    assert [c["t"].unique().tolist() for c in rec.calls] == [[pytest.approx(t)] for t in DEFAULT_STEPS[:3]]
     out.sum().backward()
     assert rec.calls[-1]["x"].grad.abs().sum() > 0
     with pytest.raises(ValueError, match="exit_index"):

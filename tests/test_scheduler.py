@@ -13,7 +13,6 @@ from utils.scheduler import (
     flow_to_noise,
     flow_to_x0,
     make_unipc_scheduler,
-    sample_timesteps,
     shift_sigma,
     training_weight,
     unipc_grid,
@@ -101,30 +100,6 @@ def test_timestep_shape_is_checked():
         add_noise(x0, noise, torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"\[B, C, F, H, W\]"):
         flow_to_x0(x0[0], noise[0], torch.zeros(2))
-
-
-def test_sample_timesteps_per_sample_and_per_frame():
-    gen = torch.Generator().manual_seed(0)
-    t = sample_timesteps(4, shift=5.0, min_t=20, max_t=980, generator=gen)
-    u = torch.rand(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    expected = (1000 * 5 * u / (1 + 4 * u)).clamp(20, 980)
-    assert t.shape == (4,) and t.dtype == torch.float32
-    assert torch.equal(t, expected.float())
-
-    t = sample_timesteps(2, shift=5.0, num_frames=9, frames_per_block=3, generator=gen)
-    assert t.shape == (2, 9)
-    blocks = t.view(2, 3, 3)
-    assert torch.equal(blocks, blocks[..., :1].expand_as(blocks))  # one draw per block
-    assert sample_timesteps(3, shift=1.0, num_frames=5, generator=gen).unique().numel() == 15
-    with pytest.raises(ValueError, match="multiple"):
-        sample_timesteps(1, shift=5.0, num_frames=10, frames_per_block=3)
-
-
-def test_sample_timesteps_distribution():
-    t = sample_timesteps(20000, shift=5.0, min_t=20, max_t=980, generator=torch.Generator().manual_seed(1))
-    assert t.min() >= 20 and t.max() <= 980
-    assert abs(t.median().item() - 1000 * 2.5 / 3) < 10  # u = 0.5 -> 5 * 0.5 / (1 + 4 * 0.5)
-    assert abs((t == 980).float().mean().item() - (1 - 0.98 / (5 - 4 * 0.98))) < 0.01  # P(shifted u > 0.98)
 
 
 @pytest.mark.parametrize(("steps", "shift"), [(50, 5.0), (40, 3.0), (4, 8.0)])

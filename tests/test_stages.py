@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainer.registry import objective_defaults, objective_registry
+from model import objective_registry
+from trainer.objective import objective_defaults
 from trainer.trainer import Trainer
 from utils.config import load_config
 

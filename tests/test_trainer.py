@@ -12,7 +12,7 @@ import torch
 from _toy_objectives import REGISTRY
 from safetensors.torch import load_file
 
-from trainer.registry import objective_defaults
+from trainer.objective import objective_defaults
 from trainer.trainer import NonFiniteLossError, Trainer
 from utils.config import ConfigError, load_config
 

@@ -1,6 +1,6 @@
 """utils/wan_wrapper.py and utils/text_cache.py on tiny models: official-layout checkpoints written here load
 strictly and equal the library models loaded directly and the official forwards; the streaming VAE decoder
-equals one-shot decoding exactly."""
+equals one-shot decoding (to one float32 ulp, decoding in float64: the chunks change post_quant_conv's shapes)."""
 
 from __future__ import annotations
 
@@ -24,17 +24,16 @@ from diffusers import AutoencoderKLWan
 from transformers import CLIPVisionModel, UMT5EncoderModel
 
 import utils.text_cache as text_cache
+from utils.errors import CheckpointKeyError
 from utils.text_cache import CachedTextEncoder
 from utils.wan_wrapper import (
     ImageEncoder,
     StreamingVAEDecoder,
     TextEncoder,
-    WanDiffusionWrapper,
     WanVAE,
     clean_prompt,
     preprocess_clip_image,
 )
-from wan.checkpoint import CheckpointKeyError
 
 TEXT_LEN = 16
 PROMPTS = ["a person is dancing in the rain", "  cat &amp;amp;   dog\n on stage "]
@@ -163,11 +162,12 @@ def test_prompt_cache_skips_the_encoder_for_seen_prompts(t5_assets, tmp_path, mo
 
     first = cache()(PROMPTS + PROMPTS[:1])  # a repeated prompt is encoded once
     assert len(built) == 1 and len(list((tmp_path / "cache").iterdir())) == 2  # no temp files left
-    expected = _text_encoder(t5_assets)(PROMPTS + PROMPTS[:1])
+    # The cache encodes the distinct prompts as one batch: the same batch through the encoder is the same ops.
+    expected = _text_encoder(t5_assets)(PROMPTS)[[0, 1, 0]]
     assert torch.equal(first, expected)
 
     again = cache()
-    assert torch.equal(again([PROMPTS[1], PROMPTS[0]]), expected[[1, 0]])
+    assert torch.equal(again([PROMPTS[1], PROMPTS[0]]), expected[[1, 0]])  # the stored tensors, read back
     assert again.encoder is None and len(built) == 1  # served from disk, T5 never built
     assert torch.equal(again(["cat &amp; dog  on stage"]), expected[1:2])
     assert len(built) == 1  # same cleaned prompt, same entry
@@ -311,17 +311,34 @@ def _stream(vae: WanVAE, latents: torch.Tensor, chunk_sizes: list[int]) -> list[
         return [decoder.decode(chunk) for chunk in latents.split(chunk_sizes, dim=2)]
 
 
+@pytest.fixture(scope="module")
+def vae64(vae_assets):
+    return WanVAE(vae_assets[0], device="cpu", dtype=torch.float64, config=TINY_VAE_CONFIG)
+
+
 @pytest.mark.parametrize("chunk_sizes", [[3] * 7, [1, 4, 4, 4, 4, 4], [2, 1, 5, 13]])
-def test_streaming_decode_equals_one_shot(vae, chunk_sizes):
+def test_streaming_decode_equals_one_shot(vae64, chunk_sizes):
+    """The decoder runs one latent at a time either way, but post_quant_conv sees the chunk (or the whole clip),
+    and float32 kernels of other lengths may round differently (2.5e-6 on values ~0.16 on some CPUs). So decode
+    in float64, where reordering costs ~1e-16: the only float32 step is decode()'s final cast, so the two agree
+    to one float32 ulp (eps bounds it for values in [-1, 1]); a wrong cache frame would differ by ~0.1."""
+    latents = torch.randn(1, 16, 21, 2, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = vae64.decode(latents)
+    assert full.shape[2] == 81
+    chunks = _stream(vae64, latents, chunk_sizes)
+    first, *rest = chunk_sizes
+    assert [c.shape[2] for c in chunks] == [1 + 4 * (first - 1)] + [4 * n for n in rest]
+    torch.testing.assert_close(torch.cat(chunks, dim=2), full, rtol=0, atol=torch.finfo(torch.float32).eps)
+    assert (full.abs() < 1).float().mean() > 0.9  # the comparison is not between clamped constants
+
+
+def test_streaming_decode_in_float32_is_close(vae):
+    """The production dtype: per-chunk float32 rounding stays at the 1e-5 level of these unit-scale frames."""
     latents = torch.randn(1, 16, 21, 2, 2, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = vae.decode(latents)
-    assert full.shape[2] == 81
-    chunks = _stream(vae, latents, chunk_sizes)
-    first, *rest = chunk_sizes
-    assert [c.shape[2] for c in chunks] == [1 + 4 * (first - 1)] + [4 * n for n in rest]
-    assert torch.equal(torch.cat(chunks, dim=2), full)  # bit-exact: the same ops, one latent at a time
-    assert (full.abs() < 1).float().mean() > 0.9  # the comparison is not between clamped constants
+    torch.testing.assert_close(torch.cat(_stream(vae, latents, [2, 1, 5, 13]), dim=2), full, rtol=0, atol=1e-4)
 
 
 def test_streaming_decoder_reset_and_version_pin(vae, monkeypatch):
@@ -334,39 +351,3 @@ def test_streaming_decoder_reset_and_version_pin(vae, monkeypatch):
     monkeypatch.setattr("diffusers.__version__", "0.99.0")
     with pytest.raises(RuntimeError, match="0.42.1"):
         StreamingVAEDecoder(vae)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Diffusion wrapper
-# ---------------------------------------------------------------------------------------------------------
-
-
-class ContractNet(torch.nn.Module):
-    """Follows the network contract: model(x, t, context, clip_fea, y, add_condition, **causal) -> flow."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.tensor(0.7))
-        self.seen: dict = {}
-
-    def forward(self, x, t, context, clip_fea=None, y=None, add_condition=None, **causal_kwargs):
-        self.seen = dict(clip_fea=clip_fea, y=y, add_condition=add_condition, **causal_kwargs)
-        t = t if t.ndim == 2 else t[:, None].expand(-1, x.shape[2])
-        return self.scale * x + t[:, None, :, None, None] / 1000 + context.mean()
-
-
-@pytest.mark.parametrize("per_frame", [False, True])
-def test_diffusion_wrapper_returns_flow_and_x0(per_frame):
-    gen = torch.Generator().manual_seed(0)
-    x_t = torch.randn(2, 4, 3, 2, 2, generator=gen)
-    t = torch.rand(2, 3, generator=gen) * 1000 if per_frame else torch.tensor([999.0, 250.0])
-    context, y = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 4, 3, 2, 2, generator=gen)
-    net = ContractNet()
-    wrapper = WanDiffusionWrapper(net)
-    flow, x0 = wrapper(x_t, t, context, y=y, current_start_frame=3)
-    assert net.seen["y"] is y and net.seen["current_start_frame"] == 3
-    assert torch.equal(flow, net(x_t, t, context))
-    sigma = (t.double() / 1000).view(2, 1, -1, 1, 1)
-    assert (x0.double() - (x_t.double() - sigma * flow.double())).abs().max() <= 1e-6
-    x0.sum().backward()
-    assert net.scale.grad is not None  # the wrapper keeps the graph for training

@@ -23,15 +23,13 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-ROLES = ("generator", "teacher", "critic", "discriminator")
-
 
 class TrainContext:
     """What an objective may use besides its networks, including ALL its randomness.
 
     Draw every random number through this object, never through torch's global RNG: per-sample draws
     (`randn`, `rand`) come from a stream keyed by (seed, iteration, global sample id), and shared draws
-    (`shared_randint`, `shared_rand`: exit step, guidance, anything all ranks must agree on) from a stream
+    (`shared_randint`: the exit step, anything all ranks must agree on) from a stream
     keyed by (seed, iteration). So a resumed run, or a run on N GPUs with the same global batch, draws exactly
     the numbers a straight single-process run draws.
     """
@@ -64,10 +62,6 @@ class TrainContext:
     def rand(self, *shape: int) -> torch.Tensor:
         """Uniform [0, 1) [B, ...] in float32, row i from sample i's own stream."""
         return self._per_sample(tuple(shape), lambda s, g: torch.rand(s, generator=g))
-
-    def shared_rand(self) -> float:
-        """One uniform number, the same on every rank."""
-        return float(torch.rand((), generator=self._shared))
 
     def shared_randint(self, low: int, high: int) -> int:
         """One integer in [low, high), the same on every rank."""
@@ -118,3 +112,8 @@ class Objective:
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int, due: tuple[str, ...]) -> StepOutput:
         raise NotImplementedError
+
+
+def objective_defaults(registry: dict[str, type[Objective]]) -> dict[str, dict]:
+    """{stage name: that objective's `defaults`}: the `objective:` config schema of every stage."""
+    return {name: dict(cls.defaults) for name, cls in registry.items()}

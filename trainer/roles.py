@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from utils.config import ConfigError
+from utils.config import DTYPES, ConfigError
 from utils.dist import DistInfo
 from wan.checkpoint import load_pose_weights, load_weights
 from wan.configs import build_model
@@ -18,7 +18,7 @@ from wan.modules.model import WanModel
 
 log = logging.getLogger(__name__)
 POSE_MODULES = ("dwpose_embedding", "randomref_embedding_pose", "pose_proj")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TRAIN_DTYPES = ("fp32", "bf16")  # fp16 would need loss scaling, which the trainer does not do
 
 
 def parallel_mode(cfg: Any, dist: DistInfo) -> str:
@@ -72,8 +72,8 @@ def shard_fsdp2(model: WanModel, bf16: bool) -> WanModel:
 def role_param_dtype(cfg: Any, trainable: bool) -> torch.dtype:
     """Trainable roles keep fp32 master weights (FSDP2 casts them to bf16 for compute under train.dtype=bf16);
     frozen roles are stored in the compute dtype, since no optimizer updates them."""
-    if cfg.train.dtype not in DTYPES:
-        raise ConfigError(f"train.dtype={cfg.train.dtype!r}: expected one of {sorted(DTYPES)}")
+    if cfg.train.dtype not in TRAIN_DTYPES:
+        raise ConfigError(f"train.dtype={cfg.train.dtype!r}: expected one of {list(TRAIN_DTYPES)}")
     return torch.float32 if trainable else DTYPES[cfg.train.dtype]
 
 

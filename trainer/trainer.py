@@ -26,8 +26,8 @@ from trainer.checkpoint import CheckpointManager
 from trainer.data import build_dataset, global_indices, local_batch
 from trainer.ema import EMA
 from trainer.objective import Objective, TrainContext
-from trainer.roles import DTYPES, build_role, make_optimizer, parallel_mode
-from utils.config import ConfigError, save_config
+from trainer.roles import build_role, make_optimizer, parallel_mode
+from utils.config import DTYPES, ConfigError, save_config
 from utils.dist import all_reduce_mean, average_gradients, barrier, init_distributed, init_single_process_group
 from utils.safetensors_io import atomic_save_safetensors
 from wan.configs import model_config

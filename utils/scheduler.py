@@ -91,33 +91,6 @@ def training_weight(t: torch.Tensor, shift: float) -> torch.Tensor:
     return ((bell(t.double().cpu()) - floor).clamp(min=0) * scale).float().to(t.device)
 
 
-def sample_timesteps(
-    batch_size: int,
-    shift: float,
-    min_t: float = 0.0,
-    max_t: float = NUM_TRAIN_TIMESTEPS,
-    num_frames: int | None = None,
-    frames_per_block: int = 1,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Training timesteps: t = 1000 * shift_sigma(u, shift), u ~ U[0, 1), clamped to [min_t, max_t].
-
-    Returns [B] float32, or [B, num_frames] with one draw per block of frames_per_block frames.
-    """
-    if num_frames is None:
-        shape = (batch_size,)
-    else:
-        if num_frames % frames_per_block:
-            raise ValueError(f"num_frames={num_frames} is not a multiple of frames_per_block={frames_per_block}")
-        shape = (batch_size, num_frames // frames_per_block)
-    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
-    t = (NUM_TRAIN_TIMESTEPS * shift_sigma(u, shift)).clamp(min_t, max_t)
-    if num_frames is not None:
-        t = t.repeat_interleave(frames_per_block, dim=1)  # [B, blocks] -> [B, F]
-    return t.float()
-
-
 def _official_unipc_base(num_steps: int) -> np.ndarray:
     """The unshifted official grid linspace(0.999, 0, N + 1)[:-1] (float64)."""
     return np.linspace(1 - 1 / NUM_TRAIN_TIMESTEPS, 0.0, num_steps + 1)[:-1]

@@ -1,7 +1,7 @@
 """Wan2.1's frozen helpers on library models: UMT5 text encoder, CLIP image encoder, VAE + streaming decoder.
 
 Each loads the official Wan files through a key map (or a HF/diffusers folder), strictly, with the official
-numerics and preprocessing. WanDiffusionWrapper turns a network's flow prediction into (flow, x0).
+numerics and preprocessing.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from torch import nn
 from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
+from utils.errors import CheckpointKeyError
 from utils.safetensors_io import load_file
-from utils.scheduler import flow_to_x0
-from wan.checkpoint import CheckpointKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +49,10 @@ def _hf_folder(path: Path, subfolder: str) -> Path:
         return path / subfolder
     if (path / "config.json").exists():
         return path
-    raise FileNotFoundError(
-        f"{path} has no config.json (nor {subfolder}/config.json): not a HF/diffusers folder"
-    )
+    raise FileNotFoundError(f"{path} has no config.json (nor {subfolder}/config.json): not a HF/diffusers folder")
 
 
-def _report(
-    asset: str, source: Path, missing: Iterable[str], unexpected: Iterable[str], strict: bool
-) -> None:
+def _report(asset: str, source: Path, missing: Iterable[str], unexpected: Iterable[str], strict: bool) -> None:
     """Fail (strict) or warn on missing/unexpected keys, naming them."""
     missing, unexpected = sorted(missing), sorted(unexpected)
     if not missing and not unexpected:
@@ -108,9 +103,7 @@ def _from_state_dict(model_cls, config, state_dict, dtype, asset, source, strict
 
 
 def _from_folder(model_cls, folder: Path, dtype, asset: str, strict: bool):
-    model, info = model_cls.from_pretrained(
-        folder, torch_dtype=dtype, local_files_only=True, output_loading_info=True
-    )
+    model, info = model_cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, output_loading_info=True)
     _report(asset, folder, info["missing_keys"], info["unexpected_keys"], strict)
     return model
 
@@ -195,9 +188,7 @@ class TextEncoder(nn.Module):
         self.text_len = text_len
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
         if checkpoint.is_dir():
-            model = _from_folder(
-                UMT5EncoderModel, _hf_folder(checkpoint, "text_encoder"), dtype, T5_ASSET, strict
-            )
+            model = _from_folder(UMT5EncoderModel, _hf_folder(checkpoint, "text_encoder"), dtype, T5_ASSET, strict)
         else:
             renamed, unmatched = _rename(load_file(checkpoint), _T5_RULES)
             model = _from_state_dict(
@@ -322,9 +313,7 @@ class ImageEncoder(nn.Module):
         super().__init__()
         checkpoint = _require(checkpoint, CLIP_ASSET)
         if checkpoint.is_dir():
-            model = _from_folder(
-                CLIPVisionModel, _hf_folder(checkpoint, "image_encoder"), dtype, CLIP_ASSET, strict
-            )
+            model = _from_folder(CLIPVisionModel, _hf_folder(checkpoint, "image_encoder"), dtype, CLIP_ASSET, strict)
         else:
             renamed, unmatched = _clip_official_to_hf(load_file(checkpoint))
             model = _from_state_dict(
@@ -390,9 +379,7 @@ class WanVAE(nn.Module):
         checkpoint = _require(checkpoint, VAE_ASSET)
         if checkpoint.is_dir():
             folder = _hf_folder(checkpoint, "vae")
-            vae, info = AutoencoderKLWan.from_pretrained(
-                folder, local_files_only=True, output_loading_info=True
-            )
+            vae, info = AutoencoderKLWan.from_pretrained(folder, local_files_only=True, output_loading_info=True)
             _report(VAE_ASSET, folder, info["missing_keys"], info["unexpected_keys"], strict)
         else:
             # diffusers' own official->diffusers converter (what from_single_file uses), then a strict load:
@@ -415,12 +402,8 @@ class WanVAE(nn.Module):
         vae.post_quant_conv.to(dtype)
         self.vae = vae.to(device).eval().requires_grad_(False)
         self.dtype = dtype
-        self.register_buffer(
-            "mean", torch.tensor(mean, device=device).view(1, -1, 1, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "std", torch.tensor(std, device=device).view(1, -1, 1, 1, 1), persistent=False
-        )
+        self.register_buffer("mean", torch.tensor(mean, device=device).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, device=device).view(1, -1, 1, 1, 1), persistent=False)
 
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
         return (mu.float() - self.mean) / self.std
@@ -487,32 +470,3 @@ class StreamingVAEDecoder:
             )
             self.num_latents += 1
         return torch.cat(frames, dim=2).clamp(-1.0, 1.0).float()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Diffusion wrapper
-# ----------------------------------------------------------------------------------------------------------
-
-
-class WanDiffusionWrapper(nn.Module):
-    """Calls a flow-predicting network and also returns its x0 prediction (via utils.scheduler)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        context: torch.Tensor,
-        clip_fea: torch.Tensor | None = None,
-        y: torch.Tensor | None = None,
-        add_condition: torch.Tensor | None = None,
-        **causal_kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t [B, C, F, H, W], t [B] or [B, F] -> (flow [B, C, F, H, W], x0 [B, C, F, H, W])."""
-        flow = self.model(
-            x_t, t, context, clip_fea=clip_fea, y=y, add_condition=add_condition, **causal_kwargs
-        )
-        return flow, flow_to_x0(flow, x_t, t)

@@ -2,7 +2,8 @@
 transformers, Self-Forcing generator checkpoints, UniAnimate pose/LoRA checkpoints and our own safetensors.
 
 Everything is converted to the canonical (official) key names, then loaded strictly: missing, unexpected
-and mis-shaped keys are errors unless the caller names the parameters that may start fresh.
+and mis-shaped keys are errors unless the caller names the parameters that may start fresh. The pose encoders'
+loader, prefix stripping and the load report live one level down, in wan/loading.py (build_model needs them).
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import fnmatch
 import json
 import logging
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from utils.errors import CheckpointKeyError
 from utils.safetensors_io import atomic_save_safetensors, load_checkpoint, read_metadata
 from wan.configs import build_model, model_config
+from wan.loading import POSE_PREFIXES as POSE_PREFIXES
+from wan.loading import LoadReport, listed, strip_prefixes
+from wan.loading import load_pose_weights as load_pose_weights
 from wan.modules.model import WanModel
 
 log = logging.getLogger(__name__)
@@ -35,17 +38,7 @@ FRESH_GROUPS: dict[str, tuple[str, ...]] = {
 # Fresh parameters set to zero so the new path adds nothing at first (the rest keep the model's init,
 # so gradients can flow through them): the student starts as exactly its T2V initialisation.
 ZERO_WHEN_FRESH = ("pose_proj.*", "blocks.*.cross_attn.v_img.*")
-POSE_PREFIXES = ("dwpose_embedding.", "randomref_embedding_pose.")
-_WRAPPER_PREFIXES = (
-    "pipe.dit.",
-    "model.",
-    "module.",
-    "_fsdp_wrapped_module.",
-    "_checkpoint_wrapped_module.",
-    "_orig_mod.",
-)
 _LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.")
-_MAX_LISTED = 20
 
 # Official <-> diffusers WanTransformer3DModel names: (official, diffusers) for a key or a key prefix.
 _TOP_LEVEL_DIFFUSERS = (
@@ -74,15 +67,6 @@ _BLOCK_DIFFUSERS = (
 )  # fmt: skip
 
 
-class CheckpointKeyError(ValueError):
-    """A checkpoint does not match the model: names the keys and how to proceed."""
-
-
-def _listed(keys: list[str]) -> str:
-    more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
-    return ", ".join(keys[:_MAX_LISTED]) + more
-
-
 def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
     for official, diffusers in pairs:
         if key == diffusers or key.startswith(diffusers + "."):
@@ -103,16 +87,6 @@ def diffusers_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 
 def _is_diffusers(keys) -> bool:
     return any(k.startswith("condition_embedder.") or ".attn1." in k or k == "scale_shift_table" for k in keys)
-
-
-def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key.replace("._fsdp_wrapped_module", "").replace("._checkpoint_wrapped_module", "")
 
 
 def to_canonical(raw: dict, ema: bool | None = None) -> tuple[dict[str, torch.Tensor], str]:
@@ -139,7 +113,7 @@ def to_canonical(raw: dict, ema: bool | None = None) -> tuple[dict[str, torch.Te
         raise CheckpointKeyError("the checkpoint holds no tensors")
     if any(k.startswith("pipe.dit.") for k in tensors):
         fmt = "unianimate"
-    sd = {_strip_prefixes(k): v for k, v in tensors.items()}
+    sd = {strip_prefixes(k): v for k, v in tensors.items()}
     if _is_diffusers(sd):
         sd, fmt = diffusers_to_official(sd), "diffusers"
     return sd, fmt
@@ -168,33 +142,6 @@ def read_state_dict(source: str | os.PathLike | dict, ema: bool | None = None) -
     path = _transformer_source(Path(source))
     sd, fmt = to_canonical(load_checkpoint(path), ema)
     return sd, f"{fmt} from {path}"
-
-
-@dataclass
-class LoadReport:
-    source: str
-    loaded: list[str] = field(default_factory=list)
-    fresh_zero: list[str] = field(default_factory=list)
-    fresh_init: list[str] = field(default_factory=list)
-    partial: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        parts = [f"loaded {len(self.loaded)} tensors ({self.source})"]
-        if self.fresh_zero or self.fresh_init or self.partial:
-            parts.append(
-                f"fresh: {len(self.fresh_zero)} zero-initialised {_group_names(self.fresh_zero)}, "
-                f"{len(self.fresh_init)} at the model's init {_group_names(self.fresh_init)}, "
-                f"{len(self.partial)} extended with zeros {self.partial}"
-            )
-        if self.ignored:
-            parts.append(f"ignored {len(self.ignored)} {_group_names(self.ignored)}")
-        return "; ".join(parts)
-
-
-def _group_names(keys: list[str]) -> str:
-    """Compress keys like blocks.3.cross_attn.v_img.weight to patterns for a one-line report."""
-    return "[" + ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", k).rsplit(".", 1)[0] for k in keys})) + "]"
 
 
 def _expand_fresh(allow_fresh) -> tuple[str, ...]:
@@ -226,7 +173,7 @@ def load_weights(
     lora = [k for k in sd if any(m in k for m in _LORA_MARKERS)]
     if lora:
         raise CheckpointKeyError(
-            f"{fmt} holds LoRA tensors ({_listed(lora[:3])}): merge them into the base with scripts/merge_lora.py "
+            f"{fmt} holds LoRA tensors ({listed(lora[:3])}): merge them into the base with scripts/merge_lora.py "
             "and load the merged checkpoint; pose encoders alone load through pose_weights_path"
         )
     fresh_patterns = _expand_fresh(allow_fresh)
@@ -240,9 +187,9 @@ def load_weights(
     if not_allowed or unexpected:
         lines = [f"checkpoint {fmt} does not match the model:"]
         if not_allowed:
-            lines.append(f"missing {len(not_allowed)} keys: {_listed(not_allowed)}")
+            lines.append(f"missing {len(not_allowed)} keys: {listed(not_allowed)}")
         if unexpected:
-            lines.append(f"unexpected {len(unexpected)} keys: {_listed(unexpected)}")
+            lines.append(f"unexpected {len(unexpected)} keys: {listed(unexpected)}")
         lines.append(
             "If the checkpoint is right, the model config is not (compare presets in wan/configs.py); parameters "
             "that should start fresh are named with allow_fresh (groups: " + ", ".join(FRESH_GROUPS) + ")"
@@ -288,41 +235,6 @@ def _extends_in_channels(value: torch.Tensor, target: torch.Tensor) -> bool:
         and value.shape[0] == target.shape[0]
         and value.shape[2:] == target.shape[2:]
     )
-
-
-def load_pose_weights(model: WanModel, source: str | os.PathLike | dict | None) -> LoadReport:
-    """Load exactly the pose-encoder keys (dwpose_embedding.*, randomref_embedding_pose.*) from a UniAnimate
-    checkpoint (keys under `pipe.dit.`, LoRA tensors beside them are skipped) or any checkpoint holding them."""
-    if source is None:
-        raise ValueError("no pose weights path given")
-    if not isinstance(source, dict) and not Path(source).exists():
-        raise FileNotFoundError(
-            f"pose weights not found: {source} (the UniAnimate checkpoint, e.g. UniAnimate-Wan2.1-14B-Lora-12000.ckpt;"
-            " fetch it with download_models.py)"
-        )
-    raw = source if isinstance(source, dict) else load_checkpoint(source)
-    sd = {_strip_prefixes(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
-    pose_sd = {k: v for k, v in sd.items() if k.startswith(POSE_PREFIXES)}
-    expected = {k: v for k, v in model.state_dict().items() if k.startswith(POSE_PREFIXES)}
-    missing = sorted(set(expected) - set(pose_sd))
-    extra = sorted(set(pose_sd) - set(expected))
-    if missing or extra:
-        raise CheckpointKeyError(
-            f"pose weights {source if not isinstance(source, dict) else '(dict)'} do not fit the model's pose "
-            f"encoders: missing {_listed(missing)}; unexpected {_listed(extra)}"
-        )
-    for key, value in pose_sd.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointKeyError(
-                f"pose weights: {key} has shape {tuple(value.shape)}, the model's is {tuple(expected[key].shape)} "
-                "(UniAnimate's encoders end in 5120 channels: build the model with pose_dim=5120)"
-            )
-    with torch.no_grad():
-        model.load_state_dict(pose_sd, strict=False)
-    report = LoadReport(source=f"pose weights from {source if not isinstance(source, dict) else 'dict'}")
-    report.loaded = sorted(pose_sd)
-    log.info("%s", report)
-    return report
 
 
 def save_weights(model: WanModel, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import torch
 
+from wan.loading import PoseWeightsLoader
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.model import WanModel
 
@@ -91,11 +93,13 @@ def build_model(
     config: str | dict[str, Any],
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    pose_weights_path: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> WanModel:
     """Make a WanModel or CausalWanModel from a preset name or config dict (+ keyword overrides).
 
     device="meta" builds the structure without memory (state_dict keys and shapes of the 14B models).
+    pose_weights_path: the pose encoders' weights (e.g. UniAnimate's checkpoint), read at the first encode_pose.
     """
     cfg = get_config(config) if isinstance(config, str) else copy.deepcopy(dict(config))
     cfg.update(overrides)
@@ -110,11 +114,12 @@ def build_model(
     else:
         raise ValueError(f"arch={arch!r}: expected 'causal' or 'bidirectional'")
     cfg["patch_size"] = tuple(cfg.get("patch_size", (1, 2, 2)))
+    loader = None if pose_weights_path is None else PoseWeightsLoader(pose_weights_path)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype or previous)  # built in its dtype: a 14B model never exists in fp32 first
     try:
         with torch.device(device or "cpu"):
-            model = cls(**cfg)
+            model = cls(**cfg, pose_loader=loader)
     finally:
         torch.set_default_dtype(previous)
     return model

@@ -300,7 +300,7 @@ class WanModel(nn.Module):
         cross_attn_norm: bool = True,
         pose_dim: int | None = None,
         clip_dim: int = 1280,
-        pose_weights_path: str | None = None,
+        pose_loader: Callable[[WanModel], None] | None = None,
     ):
         super().__init__()
         if model_type not in ("t2v", "i2v"):
@@ -340,8 +340,9 @@ class WanModel(nn.Module):
                 self.randomref_embedding_pose = pose_mod.build_randomref_embedding_pose(in_dim - out_dim)
             if pose_dim != dim:
                 self.pose_proj = nn.Linear(pose_dim, dim)
-        self.pose_weights_path = pose_weights_path
-        self._pose_weights_loaded = pose_weights_path is None
+        # Fills the pose encoders at the first encode_pose (build_model's pose_weights_path); the network reads no
+        # files itself.
+        self.pose_loader = pose_loader
         self.init_weights()
 
     # -- init
@@ -372,15 +373,13 @@ class WanModel(nn.Module):
 
         pose_frames [B, 3, F_pose, H, W] in 0..255 with F_pose = 1 + 4k; ref_pose [B, 3, H, W] in 0..255.
         Returns tokens [B, F_lat*h*w, dim] (F_lat = k + 1, h = H/16, w = W/16) and map [B, y_ch, 1, H/8, W/8].
-        Loads `pose_weights_path` on first use.
+        Calls `pose_loader` (if any) once, before the first encoding.
         """
         if self.pose_dim is None:
             raise RuntimeError("this model has no pose encoders: build it with pose_dim set (e.g. 5120)")
-        if not self._pose_weights_loaded:
-            from wan.checkpoint import load_pose_weights
-
-            load_pose_weights(self, self.pose_weights_path)
-            self._pose_weights_loaded = True
+        if self.pose_loader is not None:
+            self.pose_loader(self)
+            self.pose_loader = None
         return pose_mod.encode_pose(self, pose_frames, ref_pose)
 
     def embed_context(
