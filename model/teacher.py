@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from model.diffusion import draw_timesteps, dropout_conditions, weighted_flow_mse
+from model.flow_matching import draw_timesteps, dropout_conditions, weighted_flow_mse
 from trainer.objective import Objective, StepOutput, TrainContext
 from utils.scheduler import add_noise, flow_target
 from wan.modules.causal_model import CausalWanModel
