@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.conditions import Conditions
+from pipeline.conditions import VAE_STRIDE, Conditions, image_condition  # noqa: F401 (image_condition: re-export)
 from pipeline.rollout import DEFAULT_STEPS, stream_latents
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.model import WanModel
@@ -32,7 +32,6 @@ WAN_NEGATIVE_PROMPT = (
     "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
     "三条腿，背景人很多，倒着走"
 )
-VAE_STRIDE = (4, 8, 8)  # temporal, height, width: 1 + 4k frames -> k + 1 latent frames, H/8 x W/8
 
 TextEncoderFn = Callable[[Sequence[str]], torch.Tensor]  # prompts -> [B, text_len, text_dim]
 ImageEncoderFn = Callable[[torch.Tensor], torch.Tensor]  # [B, 3, H, W] in [-1, 1] -> [B, 257, clip_dim]
@@ -63,28 +62,6 @@ class VideoBlock:
     latents: torch.Tensor
     frame_start: int
     frames: torch.Tensor
-
-
-def image_condition(vae: WanVAE, ref_image: torch.Tensor, num_frames: int, y_channels: int) -> torch.Tensor:
-    """The i2v input `y`: a mask marking latent frame 0 as given, then the latents of [reference, zeros...].
-
-    ref_image [B, 3, H, W] in [-1, 1] -> y [B, y_channels, F_lat, H/8, W/8] fp32 (VAE encode runs in fp32).
-    The mask has y_channels - 16 = 4 channels: the 4 video frames each latent frame stands for (the first
-    latent frame is the reference frame repeated, as in Wan2.1 I2V).
-    """
-    b, _, h, w = ref_image.shape
-    video = torch.zeros(b, 3, num_frames, h, w, device=ref_image.device)
-    video[:, :, 0] = ref_image.float()  # [B, 3, F, H, W]: the reference, then black frames
-    latents = vae.encode(video)  # [B, 16, F_lat, H/8, W/8]
-    mask_channels = y_channels - latents.shape[1]
-    if mask_channels != VAE_STRIDE[0]:
-        raise ValueError(
-            f"the model takes {y_channels} y channels; the VAE gives {latents.shape[1]} latent channels, leaving "
-            f"{mask_channels} for the mask where Wan's I2V layout has {VAE_STRIDE[0]}"
-        )
-    mask = torch.zeros(b, mask_channels, *latents.shape[2:], device=latents.device)
-    mask[:, :, 0] = 1.0
-    return torch.cat([mask, latents], dim=1)
 
 
 def check_clip_inputs(ref_image: torch.Tensor, pose_frames: torch.Tensor, num_frames: int) -> None:

@@ -12,6 +12,8 @@ import torch.nn as nn
 
 from wan.modules.pose import pose_tokens_for_frames
 
+VAE_STRIDE = (4, 8, 8)  # temporal, height, width: 1 + 4k frames -> k + 1 latent frames, H/8 x W/8
+
 # The network's keyword names (forward(x, t, context, clip_fea, y, add_condition)); pose tokens are passed as
 # add_condition, UniAnimate's name for them.
 _KWARGS = ("context", "clip_fea", "y", "add_condition")
@@ -101,3 +103,25 @@ def latent_shape(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[int,
     else:
         raise ValueError(f"cannot size the generated clip: the batch has none of y, latents, pose ({sorted(batch)})")
     return b, model.out_dim, f, h, w
+
+
+def image_condition(vae: nn.Module, ref_image: torch.Tensor, num_frames: int, y_channels: int) -> torch.Tensor:
+    """The i2v input `y`: a mask marking latent frame 0 as given, then the latents of [reference, zeros...].
+
+    ref_image [B, 3, H, W] in [-1, 1] -> y [B, y_channels, F_lat, H/8, W/8] fp32 (VAE encode runs in fp32).
+    The mask has y_channels - 16 = 4 channels: the 4 video frames each latent frame stands for (the first
+    latent frame is the reference frame repeated, as in Wan2.1 I2V).
+    """
+    b, _, h, w = ref_image.shape
+    video = torch.zeros(b, 3, num_frames, h, w, device=ref_image.device)
+    video[:, :, 0] = ref_image.float()  # [B, 3, F, H, W]: the reference, then black frames
+    latents = vae.encode(video)  # [B, 16, F_lat, H/8, W/8]
+    mask_channels = y_channels - latents.shape[1]
+    if mask_channels != VAE_STRIDE[0]:
+        raise ValueError(
+            f"the model takes {y_channels} y channels; the VAE gives {latents.shape[1]} latent channels, leaving "
+            f"{mask_channels} for the mask where Wan's I2V layout has {VAE_STRIDE[0]}"
+        )
+    mask = torch.zeros(b, mask_channels, *latents.shape[2:], device=latents.device)
+    mask[:, :, 0] = 1.0
+    return torch.cat([mask, latents], dim=1)

@@ -91,29 +91,16 @@ def render_one(index: int, config: WorldConfig, seed: int, ref_choices: int) -> 
 
 def encode_dataset(args: argparse.Namespace, config: WorldConfig) -> int:
     """Render in worker processes, encode on --device in this one, write <id>.safetensors (resumable)."""
-    from scripts.preprocess_data import ClipEncoders, encode_clips
+    from pipeline.world import encode_clips, world_encoders
     from utils.safetensors_io import atomic_save_safetensors
-    from utils.text_cache import CachedTextEncoder
-    from utils.wan_wrapper import ImageEncoder, WanVAE
 
-    device, dtype = torch.device(args.device), torch.float32  # the world's encoders are small: fp32 throughout
     todo = [i for i in range(args.num_samples) if not (args.out / f"{i:06d}.safetensors").exists()]
     logger.info("%d samples, %d to write to %s", args.num_samples, len(todo), args.out)
     if not todo:
         return 0
-    enc = ClipEncoders(
-        vae=WanVAE(args.vae, device=device, dtype=dtype),
-        image_encoder=ImageEncoder(args.encoders / "image_encoder", device=device, dtype=dtype),
-        text_encoder=CachedTextEncoder(
-            args.out / ".text_cache",
-            args.encoders / "text_encoder",
-            args.encoders / "tokenizer",
-            device=device,
-            dtype=dtype,
-            text_len=args.text_len,
-        ),  # fmt: skip
-        negative_prompt=args.negative_prompt,
-    )
+    # the world's encoders are small: fp32 throughout
+    enc = world_encoders(torch.device(args.device), args.vae, args.encoders, args.out / ".text_cache",
+                         args.text_len, args.negative_prompt)  # fmt: skip
     job = partial(render_one, config=config, seed=args.seed, ref_choices=args.ref_choices)
 
     def flush(group: list) -> None:

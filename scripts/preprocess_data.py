@@ -16,8 +16,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python scripts/preprocess_data.py`: make the repo root importable
@@ -26,7 +25,8 @@ if __package__ in (None, ""):  # run as `python scripts/preprocess_data.py`: mak
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipeline.causal_diffusion_inference import WAN_NEGATIVE_PROMPT, image_condition  # noqa: E402
+from pipeline.causal_diffusion_inference import WAN_NEGATIVE_PROMPT  # noqa: E402
+from pipeline.world import ClipEncoders, encode_clips  # noqa: E402
 from utils.data import PoseVideoDataset  # noqa: E402
 from utils.dist import barrier, destroy, init_distributed  # noqa: E402
 from utils.safetensors_io import atomic_save_safetensors  # noqa: E402
@@ -43,16 +43,6 @@ DEFAULT_ASSETS = {  # relative to --models-dir, where download_models.py puts th
 }
 
 
-@dataclass
-class ClipEncoders:
-    """The frozen encoders a training sample is made with."""
-
-    vae: WanVAE
-    image_encoder: ImageEncoder
-    text_encoder: Callable[[list[str]], torch.Tensor]
-    negative_prompt: str
-
-
 @torch.no_grad()
 def encode_clip(
     enc: ClipEncoders,
@@ -63,44 +53,8 @@ def encode_clip(
     prompt: str,
     ref_choices: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> dict[str, torch.Tensor]:
-    """One training sample (batch layout of trainer/objective.py, on the CPU) from a clip in the data contract:
-    video [3, F, H, W] in [-1, 1], ref_image [3, H, W], pose [3, F, H, W] and ref_pose [3, H, W] in 0..255.
-
-    ref_choices: alternate (reference image, its pose) pairs, stored as ref_choices_{y, clip_fea, ref_pose}
-    [K, ...] (the teacher stage draws one per step).
-    """
+    """One training sample from a clip in the data contract (pipeline.world.encode_clips for one clip)."""
     return encode_clips(enc, [(video, ref_image, pose, ref_pose, prompt, ref_choices)])[0]
-
-
-@torch.no_grad()
-def encode_clips(enc: ClipEncoders, clips: Sequence[tuple]) -> list[dict[str, torch.Tensor]]:
-    """encode_clip for several clips of one shape at once: one batched VAE / CLIP call for all of them (the VAE's
-    chunked encode is bound by kernel launches at small sizes, so batching is what makes it fast)."""
-    device = next(enc.vae.parameters()).device
-    videos = torch.stack([c[0] for c in clips]).to(device)  # [N, 3, F, H, W]
-    frames = videos.shape[2]
-    refs = [c[1] for c in clips] + [r for c in clips for r, _ in c[5]]  # own references, then the alternates
-    refs = torch.stack(refs).to(device)  # [N + sum K, 3, H, W]
-    latents = enc.vae.encode(videos)  # [N, 16, F_lat, H/8, W/8]
-    ys = image_condition(enc.vae, refs, frames, Y_CHANNELS)  # [N + sum K, 20, F_lat, H/8, W/8]
-    clip_fea = enc.image_encoder(refs)  # [N + sum K, L_clip, clip_dim]
-    neg_context = enc.text_encoder([enc.negative_prompt])[0]
-    contexts = enc.text_encoder([c[4] for c in clips])  # [N, text_len, text_dim]
-    samples, alt = [], len(clips)
-    for i, (_, _, pose, ref_pose, _, choices) in enumerate(clips):
-        sample = {
-            "latents": latents[i], "y": ys[i], "clip_fea": clip_fea[i], "context": contexts[i],
-            "neg_context": neg_context, "pose": pose.round().to(torch.uint8),  # [3, F, H, W]
-            "ref_pose": ref_pose.round().to(torch.uint8),  # [3, H, W]
-        }  # fmt: skip
-        if choices:
-            k = len(choices)
-            sample["ref_choices_y"], sample["ref_choices_clip_fea"] = ys[alt : alt + k], clip_fea[alt : alt + k]
-            sample["ref_choices_ref_pose"] = torch.stack([p for _, p in choices]).round().to(torch.uint8)
-            alt += k
-        samples.append({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
-                        for k, v in sample.items()})  # fmt: skip
-    return samples
 
 
 def build_parser() -> argparse.ArgumentParser:

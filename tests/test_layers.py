@@ -19,7 +19,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("network", ("wan",)),
     (
         "sampling core",
-        ("pipeline.conditions", "pipeline.rollout", "pipeline.self_forcing_rollout", "pipeline.ode_pairs"),
+        (
+            "pipeline.conditions",
+            "pipeline.rollout",
+            "pipeline.self_forcing_rollout",
+            "pipeline.ode_pairs",
+            "pipeline.world",
+        ),
     ),
     ("trainer", ("trainer",)),
     ("objectives", ("model",)),
