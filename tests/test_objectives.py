@@ -104,7 +104,7 @@ def train(
 
 
 def test_registry_names_roles_and_defaults():
-    assert set(REGISTRY) == {"ode_init", "pose_finetune", "dmd", "sid", "self_forcing", "self_forcing_gan"}
+    assert set(REGISTRY) == {"ode_init", "pose_finetune", "dmd", "sid", "self_forcing", "self_forcing_gan", "teacher"}
     for name, cls in REGISTRY.items():
         assert cls.name == name and issubclass(cls, Objective)
         assert set(cls.trainable_roles) <= set(cls.required_roles)
@@ -112,6 +112,7 @@ def test_registry_names_roles_and_defaults():
     assert (REGISTRY["dmd"].defaults["min_t"], REGISTRY["dmd"].defaults["max_t"]) == (20.0, 980.0)
     assert REGISTRY["sid"].defaults["alpha"] == 1.0
     assert REGISTRY["pose_finetune"].defaults["pose_dropout"] == 0.05
+    assert REGISTRY["teacher"].trainable_roles == ("teacher",) and REGISTRY["teacher"].defaults["uncond_dropout"] == 0.1
 
 
 @pytest.mark.parametrize("stage", ["dmd", "sid", "self_forcing", "self_forcing_gan"])

@@ -117,6 +117,11 @@ class Trainer:
         generator_preset = cfg.roles.generator.preset if "generator" in cfg.roles else None
         self.data = build_dataset(cfg.data, generator_preset, cfg.seed, self.dist.device)
         self.float_dtype = compute_dtype
+        self.evaluator = None
+        if cfg.eval.every:
+            from trainer.evaluation import WorldEvaluator
+
+            self.evaluator = WorldEvaluator(cfg.eval, self.dist.device)
         self.start = 0
         if cfg.run.resume is not None:
             self.start = self._resume(cfg.run.resume)
@@ -208,6 +213,9 @@ class Trainer:
                 if role in self.emas:
                     self.emas[role].update(model, iteration)
             logs["iteration"] = iteration
+            last = iteration + 1 == cfg.train.iterations
+            if self.evaluator is not None and ((iteration + 1) % cfg.eval.every == 0 or last):
+                logs.update(self._evaluate(iteration + 1))
             history.append(logs)
             if self.dist.is_main:
                 with open(metrics_path, "a") as f:
@@ -231,6 +239,13 @@ class Trainer:
         if wandb_run is not None:
             wandb_run.finish()
         return history
+
+    def _evaluate(self, done: int) -> dict[str, float]:
+        """eval/* scores of the evaluated role on the held-out clips (every rank samples; rank 0 writes)."""
+        role = self.cfg.eval.role or self.trainable[0]
+        scores = self.evaluator(self.roles[role], done, self.run_dir, self.dist.is_main)
+        log.info("iteration %d, eval of %s: %s", done - 1, role, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        return scores
 
     def _out_of_time(self, started: float) -> bool:
         """train.max_minutes spent (decided on rank 0, so every rank stops at the same iteration)."""

@@ -1,0 +1,143 @@
+"""The synthetic world as a training and test bench: its encoders are deterministic and cover every caption,
+make_toy_dataset.py --encode writes training samples the teacher stage trains on, evaluation while training
+scores held-out clips, a teacher run stopped by train.max_minutes resumes exactly, and the world teacher serves
+as roles.teacher of the distillation stages (world configs) and of generate_ode_pairs.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import objective_registry
+from pipeline.world import encode_clips, held_out_clips, world_encoders
+from scripts import generate_ode_pairs, make_toy_dataset
+from trainer.objective import objective_defaults
+from trainer.trainer import Trainer
+from utils.config import load_config
+from utils.synthetic_pose import generate_sample, load_world_config, prompt_vocabulary
+from wan.checkpoint import save_weights
+from wan.configs import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_WORLD = {"num_frames": 5, "height": 32, "width": 32}  # latents [16, 2, 4, 4]
+
+
+def cfg_of(path: str, *overrides: str):
+    return load_config(ROOT / path, list(overrides), objective_defaults(objective_registry()))
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return world_encoders("cpu")
+
+
+def test_world_captions_are_in_vocabulary_and_embed_deterministically(enc):
+    config = load_world_config(None, num_frames=5)
+    prompts = [generate_sample(config, seed, draw_pose=False).prompt for seed in range(40)]
+    vocab = set(prompt_vocabulary())
+    assert all(set(p.split()) <= vocab for p in prompts)
+    ids, mask = enc.text_encoder.tokenize(prompts)
+    assert not (ids == 2).any()  # no <unk>
+    assert int(mask.sum(1).max()) <= enc.text_encoder.text_len  # nothing truncated
+    a, b = enc.text_encoder(prompts[:2]), enc.text_encoder(prompts[:2])
+    assert torch.equal(a, b)
+    assert (a[0] - a[1]).abs().max() > 1e-3  # different captions, different embeddings
+    assert a.shape == (2, 32, 64)
+
+
+def test_batched_encode_equals_one_clip_at_a_time(enc):
+    clips = held_out_clips(enc, [7, 8], **TINY_WORLD)
+    inputs = []
+    for c in clips:
+        s = c.world
+        v = torch.from_numpy(s.video).permute(3, 0, 1, 2).float() / 127.5 - 1
+        p = torch.from_numpy(s.pose).permute(3, 0, 1, 2).float()
+        r = torch.from_numpy(s.ref_image).permute(2, 0, 1).float() / 127.5 - 1
+        rp = torch.from_numpy(s.ref_pose).permute(2, 0, 1).float()
+        inputs.append((v, r, p, rp, s.prompt, [(v[:, 1], p[:, 1])]))
+    together = encode_clips(enc, inputs)
+    for one, both in zip((encode_clips(enc, [x])[0] for x in inputs), together, strict=True):
+        assert one.keys() == both.keys()
+        for k in one:  # float32 convolutions over batches of other sizes round differently: tolerance
+            assert torch.allclose(one[k].float(), both[k].float(), rtol=1e-4, atol=1e-4), k
+    assert together[0]["ref_choices_y"].shape == (1, 20, 2, 4, 4)
+    assert together[0]["latents"].shape == (16, 2, 4, 4) and together[0]["pose"].dtype == torch.uint8
+
+
+def test_encoded_world_trains_the_teacher_with_evaluation(tmp_path):
+    data = tmp_path / "train"
+    argv = ["--encode", "--out", str(data), "--num-samples", "2", "--seed", "1000000", "--workers", "1",
+            "--ref-choices", "2", "--device", "cpu", *(f"{k}={v}" for k, v in TINY_WORLD.items())]  # fmt: skip
+    assert make_toy_dataset.main(argv) == 0
+    files = sorted(data.glob("*.safetensors"))
+    assert [f.name for f in files] == ["000000.safetensors", "000001.safetensors"]
+    sample = load_file(files[0])
+    assert sample["latents"].shape == (16, 2, 4, 4) and sample["ref_choices_clip_fea"].shape[0] == 2
+    cfg = cfg_of(
+        "configs/world/teacher.yaml", f"data.path={data}", "data.cache=memory", "train.batch_size=2",
+        "train.iterations=2", "train.dtype=fp32", f"run.output_dir={tmp_path}", "eval.every=2", "eval.clips=1",
+        "eval.num_frames=5", "eval.num_steps=2",
+    )  # fmt: skip
+    history = Trainer(cfg, objective_registry()).train()
+    assert all(torch.isfinite(torch.tensor(h["loss/teacher"])) for h in history)
+    scores = history[-1]
+    assert 0.0 <= scores["eval/pck@0.05"] <= 1.0 and 0.0 < scores["eval/psnr"] < 60.0
+    assert "eval/pck@0.05" not in history[0]  # every 2 iterations
+    logged = [json.loads(line) for line in (tmp_path / "world_teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["eval/ssim"] == pytest.approx(scores["eval/ssim"])
+    assert (tmp_path / "world_teacher" / "previews" / "iteration_0000002.mp4").stat().st_size > 0
+
+
+def test_teacher_stopped_by_max_minutes_resumes_exactly(tmp_path):
+    base = ["model=tiny", "data.type=synthetic", "data.num_samples=3", "data.latent_frames=3", "train.dtype=fp32",
+            "train.iterations=5", "train.save_every=100", "roles.teacher.ema_decay=0.9", "roles.teacher.lr=1e-3"]  # fmt: skip
+    straight = Trainer(cfg_of("configs/stages/teacher.yaml", *base, f"run.output_dir={tmp_path / 'a'}"),
+                       objective_registry()).train()  # fmt: skip
+    out = f"run.output_dir={tmp_path / 'b'}"
+    first = Trainer(cfg_of("configs/stages/teacher.yaml", *base, out, "train.max_minutes=0"), objective_registry())
+    part = first.train()
+    assert first.stopped_early and len(part) == 1
+    rest = Trainer(cfg_of("configs/stages/teacher.yaml", *base, out, "run.resume=auto"), objective_registry()).train()
+    losses = [h["loss/teacher"] for h in part + rest]
+    assert losses == pytest.approx([h["loss/teacher"] for h in straight], rel=1e-6, abs=1e-7)
+    for name in ("teacher.safetensors", "teacher_ema.safetensors"):
+        a, b = (load_file(tmp_path / run / "teacher" / "export" / name) for run in ("a", "b"))
+        assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
+
+
+@pytest.fixture(scope="module")
+def world_teacher_file(tmp_path_factory) -> Path:
+    """A world teacher export (random weights, the shipped layout)."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_weights(build_model("world_teacher"), path)
+    return path
+
+
+@pytest.mark.parametrize("stage", ["dmd", "sid", "self_forcing"])
+def test_world_teacher_is_the_real_score_of_the_world_stages(tmp_path, stage, world_teacher_file):
+    cfg = cfg_of(
+        f"configs/world/{stage}.yaml", f"roles.teacher.weights={world_teacher_file}", "data.type=synthetic",
+        "data.cache=null", "data.num_samples=1", "data.latent_frames=3", "data.latent_size=[4,4]",
+        "train.batch_size=1", "train.iterations=1", "train.dtype=fp32", "eval.every=0", f"run.output_dir={tmp_path}",
+    )  # fmt: skip
+    trainer = Trainer(cfg, objective_registry())
+    loaded = load_file(world_teacher_file)
+    assert all(torch.equal(v, loaded[k]) for k, v in trainer.roles["teacher"].state_dict().items())
+    history = trainer.train()
+    assert set(history[0]) >= {"loss/generator", "loss/critic"}
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in history[0].items() if k.startswith("loss/"))
+
+
+def test_world_teacher_generates_ode_pairs(tmp_path, world_teacher_file):
+    out = tmp_path / "pairs"
+    argv = ["--preset", "world_teacher", "--weights", str(world_teacher_file), "--synthetic", "1",
+            "--latent-frames", "2", "--latent-size", "4", "4", "--out", str(out), "--num-steps", "8",
+            "--dtype", "fp32"]  # fmt: skip
+    generate_ode_pairs.main(argv)
+    pair = load_file(next(out.glob("*.safetensors")))
+    assert pair["ode_latents"].shape == (5, 16, 2, 4, 4) and torch.isfinite(pair["ode_latents"]).all()
