@@ -25,7 +25,7 @@ import math  # noqa: E402
 import torch  # noqa: E402
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: E402
 
-from trainer.checkpoint import MANIFEST, check_checkpoint, load_dcp, read_dcp_metadata  # noqa: E402
+from trainer.checkpoint import MANIFEST, check_checkpoint, describe_error, load_dcp, read_dcp_metadata  # noqa: E402
 from utils.file_lock import LockHeldError, check_output_path, exit_on_sigterm, output_lock  # noqa: E402
 from utils.safetensors_io import TensorSpec, load_file, save_streaming  # noqa: E402
 from wan.checkpoint import to_canonical  # noqa: E402
@@ -123,8 +123,7 @@ def load_role(path: str | Path, role: str) -> dict[str, torch.Tensor]:
             except BaseException as err:  # noqa: B036 - DCP's CheckpointException is a BaseException
                 if isinstance(err, (KeyboardInterrupt, SystemExit)):
                     raise
-                reason = " ".join(str(err).split())[:300]
-                raise ExtractError(f"cannot read {role!r} from {path}: {type(err).__name__}: {reason}") from None
+                raise ExtractError(f"cannot read {role!r} from {path}: {describe_error(err)}") from None
         return state[role]
     if path.is_dir():
         raise ExtractError(f"{path} is a folder without {DCP_METADATA}: not a DCP checkpoint; pass the folder or file")

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import pickle
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,7 +112,15 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     torch.load(weights_only=True): DCP itself unpickles them without restriction."""
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"WeightsUnpickler error: ([^.]*)", str(err))
+            reason = found.group(1) if found else str(err).splitlines()[0]
+            raise pickle.UnpicklingError(
+                f"refusing to load {read_item.dest_index.fqn}: {reason} (non-tensor entries of a checkpoint are plain "
+                "numbers, strings and lists; the file may be crafted to run code)"
+            ) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
@@ -227,6 +236,16 @@ def iteration_of(path: str | Path) -> int:
 # ------------------------------------------------------------------------------------------ the run's checkpoints
 
 
+def describe_error(err: BaseException) -> str:
+    """One line for a read error; for DCP's CheckpointException (a traceback per failed rank), the first rank's
+    underlying exception."""
+    failures = getattr(err, "failures", None)
+    inner = next(iter(failures.values()), None) if isinstance(failures, dict) else None
+    if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+        return f"{type(err).__name__}: {describe_error(inner[0])}"
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:400]}"
+
+
 def _is_fatal(err: BaseException) -> bool:
     """Errors that must stop the process rather than trigger a fallback (DCP's CheckpointException is a
     BaseException, so a plain `except Exception` misses real read errors)."""
@@ -254,10 +273,36 @@ class CheckpointManager:
             atomic_write_text(json.dumps(manifest, indent=1), tmp / MANIFEST)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            for old in self.complete()[self.keep_last :]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._rotate()
         barrier()
         return final
+
+    def _set_aside_newer(self, path: Path) -> None:
+        """Resuming this run from an older checkpoint abandons the newer ones: move them to checkpoints/superseded/
+        (not deleted), so that neither rotation nor a later --resume auto mixes the two histories."""
+        if path.absolute().parent != self.folder.absolute():
+            return
+        newer = [p for p in self.folders() if p.name > path.name]
+        if newer and self.is_main:
+            aside = self.folder / "superseded"
+            aside.mkdir(exist_ok=True)
+            for p in newer:
+                target = aside / p.name
+                shutil.rmtree(target, ignore_errors=True)
+                p.rename(target)
+            log.warning("resuming from %s: the newer checkpoints %s were moved to %s", path.name,
+                        ", ".join(p.name for p in newer), aside)  # fmt: skip
+        barrier()
+
+    def _rotate(self) -> None:
+        """Keep the newest keep_last complete checkpoints; delete everything older than the oldest kept (older
+        complete ones, and damaged ones such as a folder a killed deletion left half-removed)."""
+        kept = self.complete()[: self.keep_last]
+        if len(kept) < self.keep_last:
+            return
+        for old in self.folders():
+            if old.name < kept[-1].name:
+                shutil.rmtree(old, ignore_errors=True)
 
     def folders(self) -> list[Path]:
         """Every step_* folder, newest first, complete or not."""
@@ -307,11 +352,13 @@ class CheckpointManager:
                     load_dcp(state, path)
                     manifest = read_manifest(path)
                     log.info("resumed from %s (iteration %d)", path, int(manifest["iteration"]))
+                    if exact:
+                        self._set_aside_newer(path)
                     return path, manifest
             except BaseException as err:  # noqa: B036 - DCP raises CheckpointException, a BaseException
                 if _is_fatal(err):
                     raise
-                problem = f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:300]})"
+                problem = f"cannot be read ({describe_error(err)})"
             if exact:
                 raise CheckpointError(f"run.resume={path}: {problem}; pass another checkpoint or --resume auto")
             log.warning("checkpoint %s %s; trying the previous one", path, problem if problem.startswith("cannot")

@@ -114,7 +114,7 @@ class CheckedSamples(Dataset):
                 with SafetensorsReader(path) as reader:
                     keys[i] = frozenset(reader.specs)
             except Exception as err:  # any header the reader rejects: the file is not a usable sample
-                self._mark(i, _one_line(err), check=False)
+                self._mark(i, _one_line(err).replace(f"{path}: ", "").replace(str(path), "the file"), check=False)
         counts = Counter(keys.values())
         usual = max(counts, key=lambda k: (counts[k], len(k))) if counts else frozenset()
         for i, have in keys.items():
@@ -123,6 +123,9 @@ class CheckedSamples(Dataset):
                 self._mark(i, f"it lacks {lacking}, which the other samples have", check=False)
         self.good = [i for i in range(len(self.files)) if i not in self.bad]
         self._check()
+        if self.bad:
+            log.warning("data: %d of %d samples in %s are unreadable and skipped (data.max_bad_fraction=%g)",
+                        len(self.bad), len(self.files), self.files[0].parent, self.max_bad_fraction)  # fmt: skip
 
     def _mark(self, i: int, problem: str, check: bool = True) -> None:
         self.bad[i] = problem

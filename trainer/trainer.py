@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,8 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, self.dist.is_main)
         self.resume_from = self.ckpt.candidates(cfg.run.resume)  # a bad --resume PATH fails before anything is written
         self.lock = lock_run_folder(self.run_dir) if self.dist.is_main else None  # one live run per folder
+        if self.lock is not None:
+            weakref.finalize(self, self.lock.release)  # a finished (or failed) Trainer gives the folder back
         if cfg.run.resume is None and self.ckpt.folders():
             raise ConfigError(
                 f"{self.run_dir} already has checkpoints: pass run.resume=auto (or --resume auto) to continue it, "
@@ -127,6 +130,8 @@ class Trainer:
         if not self.resume_from:
             if resume is not None:
                 log.info("run.resume=%s: no checkpoint in %s yet, starting fresh", resume, self.ckpt.folder)
+            if self.dist.is_main:
+                truncate_metrics(self.run_dir / "metrics.jsonl", 0)  # lines of a run killed before its first save
             return 0
         state = self._state()
         _, manifest = self.ckpt.load(state, self.resume_from, exact=resume != "auto")
