@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _toy_objectives import REGISTRY
+from _toy_objectives import REGISTRY, ToyTwoRoles
 from safetensors.torch import load_file, save_file
 
 import inference
@@ -46,6 +46,19 @@ DMD_TINY = ["model=tiny", "data.type=synthetic", "train.dtype=fp32", "train.grad
 FAST = ["model=tiny", "data.latent_frames=3", "data.latent_size=[4,4]", "data.num_samples=4", "train.batch_size=1",
         "train.log_every=100", "roles.generator.lr=1e-3", "roles.critic.lr=1e-3"]  # fmt: skip
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+
+class LateGenerator(ToyTwoRoles):
+    """The critic from iteration 0, the generator only from iteration 2: checkpoints before then hold an
+    optimizer that has never stepped."""
+
+    name = "late_generator"
+
+    def due(self, iteration):
+        return ("generator", "critic") if iteration >= 2 else ("critic",)
+
+
+REGISTRY = {**REGISTRY, LateGenerator.name: LateGenerator}
 
 
 def make_cfg(root, *overrides, stage="toy"):
@@ -237,6 +250,16 @@ def latent_folder(folder: Path, count: int, seed: int = 0) -> list[Path]:
 
 def losses(history: list[dict]) -> list[float]:
     return [h["loss/generator"] for h in history]
+
+
+def assert_same_losses(got: list[dict], want: list[dict]) -> None:
+    """Every role's loss of every iteration, equal within 1e-7 (roles not due have none, in both)."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        keys = sorted(k for k in b if k.startswith("loss/"))
+        assert sorted(k for k in a if k.startswith("loss/")) == keys
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=1e-7), (b["iteration"], key)
 
 
 def test_5_corrupt_samples_are_skipped_naming_the_file_and_counted(tmp_path, caplog):
@@ -431,6 +454,28 @@ def test_7_resume_auto_on_a_fresh_folder_equals_a_fresh_run(tmp_path):
     assert_same(weights(auto), weights(fresh))
     steps = [float(s["step"]) for t in (fresh, auto) for s in t.optimizers["generator"].state.values()]
     assert set(steps) == {3.0}  # AdamW counted 3 steps in both runs (not 4 after a zero-lr warm-up step)
+
+
+def test_7_saving_before_an_optimizers_first_step_does_not_change_its_step_count(tmp_path):
+    common = ["train.iterations=4", "roles.generator.betas=[0.9,0.99]"]
+    once, hist_once = train(tmp_path / "once", *common, stage="late_generator")  # saved only at the end
+    every, hist_every = train(tmp_path / "every", *common, "train.save_every=1", "train.keep_last=4",
+                              stage="late_generator")  # fmt: skip
+    assert_same_losses(hist_every, hist_once)
+    assert_same(weights(every), weights(once))
+    ckpts = tmp_path / "every" / "late_generator" / "checkpoints"
+    unstepped = [json.loads((ckpts / f"step_0000000{i}" / "manifest.json").read_text())["unstepped_optimizers"]
+                 for i in (1, 2, 3, 4)]  # fmt: skip
+    assert unstepped == [["generator"], ["generator"], [], []]
+    shutil.rmtree(ckpts / "step_00000004")
+    shutil.rmtree(ckpts / "step_00000003")
+    resumed, hist_resumed = train(tmp_path / "every", *common, "train.save_every=1", "run.resume=auto",
+                                  stage="late_generator")  # fmt: skip
+    assert resumed.start == 2
+    assert_same_losses(hist_resumed, hist_once[2:])
+    assert_same(weights(resumed), weights(once))
+    steps = {float(s["step"]) for s in resumed.optimizers["generator"].state.values()}
+    assert steps == {2.0}  # the generator stepped at iterations 2 and 3 only
 
 
 # ------------------------------------------------------------------------------------------ 8. inference and scripts
