@@ -19,8 +19,11 @@ Config values can also be set as KEY=VALUE arguments (e.g. guidance_scale=3.0); 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -43,12 +46,14 @@ from pipeline.causal_diffusion_inference import (
 )
 from pipeline.rollout import DEFAULT_STEPS
 from utils.config import DTYPES
+from utils.file_lock import LockHeldError, check_output_path, exit_on_sigterm, output_lock, process_alive
 from utils.pose import DWPoseDetector, DWPoseUnavailable, PoseSequence, align_pose, draw_pose_frames, load_keypoints
 from utils.pose.load import load_pose_frames
+from utils.safetensors_io import SAFETENSORS_SUFFIX, SafetensorsReader, resolve_checkpoint_files
 from utils.text_cache import CachedTextEncoder
 from utils.video_io import VideoReadError, read_frames, read_image, read_video, write_video
 from utils.wan_wrapper import ImageEncoder, WanVAE
-from wan.checkpoint import POSE_PREFIXES, CheckpointKeyError, load_pose_weights, load_weights
+from wan.checkpoint import POSE_PREFIXES, CheckpointKeyError, _transformer_source, load_pose_weights, load_weights
 from wan.configs import PRESETS, build_model
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.model import WanModel
@@ -58,6 +63,7 @@ log = logging.getLogger("inference")
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "inference" / "tiny.yaml"
 RANDOM_STD = 0.05  # random weights everywhere (the official init zeroes the head and pose_proj: no output)
+SCRATCH_PREFIX = "poseforcing-random-"  # + "<pid>-": the random-weight demo's temp folder, removed when its run died
 
 
 @dataclass
@@ -334,9 +340,11 @@ def check_inputs(inputs: ClipInputs, args: argparse.Namespace, num_frames: int |
     have = inputs.pose.shape[0]
     if num_frames is None:
         num_frames = (have - 1) // 4 * 4 + 1
-    if (num_frames - 1) % 4 or num_frames < 1:
-        raise InputError(f"--num-frames {num_frames} is not 1 + 4k: use {(num_frames - 1) // 4 * 4 + 1} or "
-                         f"{(num_frames - 1) // 4 * 4 + 5}")  # fmt: skip
+    if num_frames < 1:
+        raise InputError(f"--num-frames {num_frames} must be at least 1: use 1 + 4k frames (1, 5, 9, ..., 81)")
+    if (num_frames - 1) % 4:
+        below = (num_frames - 1) // 4 * 4 + 1
+        raise InputError(f"--num-frames {num_frames} is not 1 + 4k: use {below} or {below + 4}")
     if have < num_frames:
         raise InputError(f"{flag} {pose_source} has {have} frames but --num-frames is {num_frames}: give a longer "
                          f"pose clip or ask for at most {(have - 1) // 4 * 4 + 1} frames")  # fmt: skip
@@ -382,7 +390,28 @@ def required_files(cfg: InferenceConfig, paths: dict[str, Path], models_dir: Pat
     if "pose_weights" in paths:
         needed.append(("pose_weights", "pose encoders"))
     files.update({key: require_file(paths, key, why, models_dir) for key, why in needed})
+    for key in ("weights", "pose_weights"):
+        if key in files:
+            check_weight_files(files[key], PATH_KEYS[key][0])
     return files
+
+
+def check_weight_files(path: Path, flag: str) -> None:
+    """Read the header of every safetensors file the checkpoint consists of (no tensor data), so a truncated,
+    random or text file fails here, naming it, before any network is built."""
+    try:
+        weight_files = resolve_checkpoint_files(_transformer_source(path))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{flag} {path}: {str(e).splitlines()[0]}") from e
+    for file in weight_files:
+        if file.suffix != SAFETENSORS_SUFFIX:
+            continue
+        try:
+            with SafetensorsReader(file):
+                pass
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{flag} {file} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+                             "download or export it again") from None  # fmt: skip
 
 
 def load_networks(cfg: InferenceConfig, files: dict[str, Path], text_cache: Path, device, dtype):
@@ -394,8 +423,8 @@ def load_networks(cfg: InferenceConfig, files: dict[str, Path], text_cache: Path
         report = load_weights(model, files["weights"], allow_fresh=fresh, ema=cfg.ema)
     except CheckpointKeyError:
         raise
-    except (ValueError, OSError, RuntimeError) as e:  # not a checkpoint at all (format, corrupt file)
-        raise InputError(f"--weights {files['weights']}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # not a checkpoint at all (format, corrupt file; safetensors has its own error type)
+        raise InputError(f"--weights {files['weights']}: {str(e).splitlines()[0]}; download or export it again") from e
     if any(key.startswith(POSE_PREFIXES) for key in report.fresh_init):
         load_pose_weights(model, files["pose_weights"])
     vae = WanVAE(files["vae"], device=device, dtype=dtype)
@@ -454,10 +483,8 @@ def make_pipeline(cfg: InferenceConfig, model: WanModel, vae, text_encoder, imag
 def run(args: argparse.Namespace) -> dict[str, float]:
     """Generate the clip and write it; returns the timings (seconds) and FPS."""
     cfg = load_config(args)
-    for flag, path in (("--out", args.out), ("--preview", args.preview)):
-        if path is not None and path.suffix.lower() != ".mp4":
-            raise InputError(f"{flag} {path}: the output is an mp4 video; give a path ending in .mp4")
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_outputs(args)
+    device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if cfg.preset not in PRESETS:
         raise InputError(f"preset {cfg.preset!r} (--preset or the config) is unknown; presets: {sorted(PRESETS)}")
@@ -468,8 +495,20 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     inputs = load_inputs(args, cfg, paths)
     num_frames = check_inputs(inputs, args, cfg.num_frames)
 
+    with contextlib.ExitStack() as outputs:  # one writer per output; a killed run's partial files are removed
+        for flag, path in (("--out", args.out), ("--preview", args.preview)):
+            if path is not None:
+                try:
+                    outputs.enter_context(output_lock(path, flag))
+                except LockHeldError as e:
+                    raise InputError(str(e)) from None
+        return generate(args, cfg, paths, files, inputs, num_frames, device, dtype)
+
+
+def generate(args, cfg: InferenceConfig, paths, files, inputs: ClipInputs, num_frames: int, device, dtype) -> dict:
+    """Load the networks, stream the clip and write the outputs (run's checks done, outputs locked)."""
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="poseforcing-random-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         if cfg.random_weights:
             log.warning("random_weights: the %s network, VAE, text and image encoders have RANDOM weights; the "
                         "output is noise, not a video", cfg.preset)  # fmt: skip
@@ -511,9 +550,58 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     return stats
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device (or the config's) as a torch device that exists here; auto picks cuda when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}, CUDA "
+                             f"{torch.version.cuda or 'not built in'}): use --device cpu")  # fmt: skip
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible: use "
+                             "cuda:0 (or set CUDA_VISIBLE_DEVICES)")  # fmt: skip
+    return device
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """--out and --preview: mp4 paths that can be written, checked before anything is loaded or generated."""
+    for flag, path in (("--out", args.out), ("--preview", args.preview)):
+        if path is None:
+            continue
+        if path.suffix.lower() != ".mp4":
+            raise InputError(f"{flag} {path}: the output is an mp4 video; give a path ending in .mp4")
+        try:
+            check_output_path(path, flag, file=True)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    if args.preview is not None and args.preview.absolute() == args.out.absolute():
+        raise InputError(f"--preview {args.preview} is also --out: give the side-by-side preview another path")
+
+
+def remove_stale_scratch() -> None:
+    """Temp folders of random-weight demo runs that were killed (kill -9 skips every cleanup)."""
+    pattern = re.compile(rf"{re.escape(SCRATCH_PREFIX)}(\d+)-")
+    try:
+        entries = list(Path(tempfile.gettempdir()).iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and not process_alive(int(match.group(1))):
+            log.info("removing %s, the temp folder of a run that died", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    exit_on_sigterm()  # SIGTERM cleans up (temp folder, partial outputs, locks) like Ctrl-C
+    remove_stale_scratch()
     try:
         run(args)
     except InputError as e:

@@ -23,6 +23,7 @@ from trainer.objective import objective_defaults
 from trainer.trainer import Trainer
 from utils.config import ConfigError, load_config
 from utils.dist import destroy
+from utils.file_lock import exit_on_sigterm
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,8 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return
+    exit_on_sigterm()  # a SIGTERM'd run removes its lock on the way out, like Ctrl-C
     try:
         Trainer(cfg, registry).train()
+    except ConfigError as err:  # a bad run folder, checkpoint or dataset: one line, no traceback
+        sys.exit(f"error: {err}")
     finally:
         destroy()
 

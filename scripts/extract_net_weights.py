@@ -2,7 +2,10 @@
 plain safetensors with canonical Wan keys: the bridge from one training stage to the next.
 
 Reads a torch.distributed.checkpoint (DCP) folder or a single torch file holding {"generator": state dict,
-"generator_ema": ..., "critic": ..., "optimizers": ..., "step": ...}, including Self-Forcing's files.
+"generator_ema": ..., "critic": ..., "optimizers": ..., "step": ...}, including Self-Forcing's files. A DCP
+folder must be a complete train.py checkpoint (its manifest's checksums are verified first) and is read without
+unpickling anything unsafe; torch files are read with weights_only. The output is written atomically; a run
+killed mid-write leaves a staging entry beside --out that the next run for the same --out removes.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python scripts/extract_net_weights.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import math  # noqa: E402
+
 import torch  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: E402
 
+from trainer.checkpoint import MANIFEST, check_checkpoint, describe_error, load_dcp, read_dcp_metadata  # noqa: E402
+from utils.file_lock import LockHeldError, check_output_path, exit_on_sigterm, output_lock  # noqa: E402
 from utils.safetensors_io import TensorSpec, load_file, save_streaming  # noqa: E402
 from wan.checkpoint import to_canonical  # noqa: E402
 
@@ -44,7 +50,7 @@ def _dcp_entries(path: Path) -> tuple[dict[str, dict[str, TensorStorageMetadata]
     A role is a top-level entry whose children are all tensors (a flat state dict); optimizer states and
     counters nest deeper or are not tensors and are listed as other entries.
     """
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    metadata = read_dcp_metadata(path)
     paths = metadata.planner_data or {}
     grouped: dict[str, dict[str, TensorStorageMetadata]] = {}
     other: set[str] = set()
@@ -90,8 +96,17 @@ def load_role(path: str | Path, role: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if is_dcp(path):
-        grouped, other = _dcp_entries(path)
+    if is_dcp(path) or (path.is_dir() and (path / MANIFEST).is_file()):
+        problem = check_checkpoint(path)
+        if problem is not None:
+            raise ExtractError(
+                f"{path} is not a complete, intact training checkpoint: {problem}; extract from another one "
+                "(e.g. the previous step_* folder)"
+            )
+        try:
+            grouped, other = _dcp_entries(path)
+        except Exception as err:  # the restricted unpickler's refusal, or a damaged file
+            raise ExtractError(f"cannot read the DCP metadata of {path}: {err}") from None
         counts = {name: len(entries) for name, entries in grouped.items()}
         if role not in grouped:
             raise ExtractError(
@@ -103,7 +118,12 @@ def load_role(path: str | Path, role: str) -> dict[str, torch.Tensor]:
         }
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-            dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+            try:
+                load_dcp(state, path)
+            except BaseException as err:  # noqa: B036 - DCP's CheckpointException is a BaseException
+                if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                    raise
+                raise ExtractError(f"cannot read {role!r} from {path}: {describe_error(err)}") from None
         return state[role]
     if path.is_dir():
         raise ExtractError(f"{path} is a folder without {DCP_METADATA}: not a DCP checkpoint; pass the folder or file")
@@ -141,13 +161,19 @@ def extract(
     shard_gb: float = 10.0,
 ) -> list[Path]:
     """Write `role`'s weights from `checkpoint` to `out` (.safetensors file, else a sharded folder)."""
+    if not (math.isfinite(shard_gb) and shard_gb > 0):
+        raise ExtractError(f"--shard-size {shard_gb} must be a finite number of GB > 0")
     if Path(out).exists() and not overwrite:  # before reading gigabytes
         raise FileExistsError(f"{out} already exists: choose another --out or pass --overwrite")
-    sd = canonical_state_dict(load_role(checkpoint, role), f"{checkpoint}[{role}]")
-    sd = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in sd.items()}
-    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
-    metadata = {"format": "pt", "source": str(checkpoint), "role": role}
-    files = save_streaming(out, specs, lambda spec: sd[spec.name], int(shard_gb * 1e9), metadata, overwrite)
+    check_output_path(out)
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist: pass a <run>/checkpoints/step_* folder")
+    with output_lock(out):  # one writer per --out; a killed run's staging beside it is removed here
+        sd = canonical_state_dict(load_role(checkpoint, role), f"{checkpoint}[{role}]")
+        sd = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in sd.items()}
+        specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
+        metadata = {"format": "pt", "source": str(checkpoint), "role": role}
+        files = save_streaming(out, specs, lambda spec: sd[spec.name], int(shard_gb * 1e9), metadata, overwrite)
     total = sum(s.nbytes for s in specs)
     logger.info("wrote %d tensors (%.3f GB) of %r from %s to %s", len(specs), total / 1e9, role, checkpoint, out)
     return files
@@ -183,9 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()  # SIGTERM removes the staging output like Ctrl-C does
     try:
         extract(args.checkpoint, args.role, args.out, DTYPES.get(args.dtype), args.overwrite, args.shard_size)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, LockHeldError) as err:
         logger.error("error: %s", err)
         return 2
     return 0

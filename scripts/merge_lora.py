@@ -10,6 +10,7 @@ import argparse
 import ctypes
 import json
 import logging
+import math
 import re
 import sys
 from collections import Counter
@@ -23,6 +24,7 @@ if __package__ in (None, ""):  # run as `python scripts/merge_lora.py`: make the
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from utils.file_lock import LockHeldError, check_output_path, exit_on_sigterm, output_lock  # noqa: E402
 from utils.lora import LoraPlan, merge_diff, merge_lora_weight, plan_merge  # noqa: E402
 from utils.safetensors_io import (  # noqa: E402
     SAFETENSORS_SUFFIX,
@@ -273,12 +275,46 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.dry_run:
         raise MergeError(f"{out} already exists: choose another --out or pass --overwrite")
-    if args.shard_size <= 0:
-        raise MergeError(f"--shard-size must be positive, got {args.shard_size}")
+    check_arguments(args)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError(f"--device {args.device} asked for, but CUDA is not available: use --device cpu")
     dtype = DTYPES[args.dtype]
+    if args.dry_run:
+        return merge(args, out, device, dtype)
+    with output_lock(out):  # one writer per --out; a killed merge's staging beside it is removed here
+        return merge(args, out, device, dtype)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every flag that can be checked before a byte is read: numbers finite, device present, paths usable."""
+    if not math.isfinite(args.alpha):
+        raise MergeError(f"--alpha {args.alpha} is not a finite number: it scales every merged LoRA delta (e.g. 1.0)")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise MergeError(f"--lora-alpha {args.lora_alpha} must be a finite number > 0 (UniAnimate's is 128)")
+    if not (math.isfinite(args.shard_size) and args.shard_size > 0):
+        raise MergeError(f"--shard-size must be a finite number of GB > 0, got {args.shard_size}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise MergeError(f"--device {args.device!r} is not a device ({err}): use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeError(f"--device {args.device} asked for, but CUDA is not available: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MergeError(
+                f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible; use cuda:0"
+            )
+    for flag, path in (("--base", args.base), ("--lora", args.lora)):
+        if not Path(path).exists():
+            raise MergeError(f"{flag} {path} does not exist: check the path (download_models.py fetches the assets)")
+    if not args.dry_run:
+        try:
+            check_output_path(args.out)
+        except ValueError as err:
+            raise MergeError(str(err)) from None
+
+
+def merge(args: argparse.Namespace, out: Path, device: torch.device, dtype: torch.dtype) -> int:
+    """Plan the merge and print it (--dry-run) or write it."""
     lora, peft_config = load_lora(args.lora)
     base = open_base(args.base)
     try:
@@ -335,9 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     release_large_frees_to_os()
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()  # SIGTERM removes the staging output like Ctrl-C does
     try:
         return run(args)
-    except (ValueError, OSError) as err:  # MergeError, unreadable or missing files, an existing --out
+    except (ValueError, OSError, LockHeldError) as err:  # MergeError, unreadable files, an existing or busy --out
         logger.error("error: %s", err)
         return 2
 

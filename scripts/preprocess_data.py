@@ -7,7 +7,9 @@ scripts/generate_ode_pairs.py takes it as its conditioning source.
     python scripts/preprocess_data.py --data data/clips --out data/latents --num-frames 81
     torchrun --nproc_per_node 8 scripts/preprocess_data.py ...     # rank r does clips r::world
 
-Resumable: clips whose sample exists are skipped; every file is written atomically.
+Resumable: clips whose sample exists are skipped; every file is written atomically. A clip that cannot be read
+(a file missing, undecodable or of the wrong size) is skipped and named; the run then ends with status 1 after
+the readable clips are done, so a rerun after fixing them only does those.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from utils.data import PoseVideoDataset  # noqa: E402
 from utils.dist import barrier, destroy, init_distributed  # noqa: E402
 from utils.safetensors_io import atomic_save_safetensors  # noqa: E402
 from utils.text_cache import CachedTextEncoder  # noqa: E402
+from utils.video_io import VideoReadError  # noqa: E402
 from utils.wan_wrapper import ImageEncoder, WanVAE  # noqa: E402
 
 log = logging.getLogger("preprocess_data")
@@ -86,15 +89,33 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     dist = init_distributed(args.device)
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, format="%(name)s: %(message)s")
-    if args.num_frames is not None and (args.num_frames - 1) % 4:
+    if args.num_frames is not None and (args.num_frames < 1 or (args.num_frames - 1) % 4):
         raise SystemExit(f"--num-frames must be 1 + 4k (e.g. 81), got {args.num_frames}")
-    dataset = PoseVideoDataset(args.data)
+    try:
+        dataset = PoseVideoDataset(args.data, skip_bad=True)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--data {args.data}: {err}") from None
+    bad = list(dataset.problems) if dist.is_main else []
+    for problem in bad:
+        log.error("skipping: %s", problem)
     todo = [i for i in range(dist.rank, len(dataset), dist.world_size)
             if not (args.out / f"{dataset.entries[i]['id']}.safetensors").exists()]  # fmt: skip
     log.info("%d clips, %d to do on this rank", len(dataset), len(todo))
-    if not todo:
-        destroy()
-        return
+    if todo:
+        bad += encode_dataset(args, dataset, todo, dist)
+    barrier()
+    destroy()
+    if bad:
+        total = len(dataset) + len(dataset.problems)
+        raise SystemExit(
+            f"{len(bad)} of {total} clips could not be read and were skipped (each named above, e.g. {bad[0]}); "
+            "fix or remove them in index.jsonl and rerun: finished clips are not redone"
+        )
+
+
+def encode_dataset(args: argparse.Namespace, dataset: PoseVideoDataset, todo: list[int], dist) -> list[str]:
+    """Encode the clips `todo` into samples; returns the problems of clips that could not be read."""
+    bad = []
     device = dist.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoders = ClipEncoders(
@@ -111,18 +132,24 @@ def main(argv: list[str] | None = None) -> None:
         negative_prompt=args.negative_prompt,
     )
     for i in tqdm(todo, desc="clips", disable=not dist.is_main):
-        clip = dataset[i]
+        try:
+            clip = dataset[i]
+        except (VideoReadError, ValueError, OSError) as err:  # the message names the file
+            bad.append(f"sample {dataset.entries[i]['id']}: {' '.join(str(err).split())}")
+            log.error("skipping: %s", bad[-1])
+            continue
         frames = clip["video"].shape[1] if args.num_frames is None else args.num_frames
         if (frames - 1) % 4 or clip["video"].shape[1] < frames:
-            raise SystemExit(
-                f"clip {clip['id']} has {clip['video'].shape[1]} frames; it needs 1 + 4k frames "
-                f"(>= {frames}): pass --num-frames or trim the clip"
+            bad.append(
+                f"sample {clip['id']}: {args.data / dataset.entries[i]['video']} has {clip['video'].shape[1]} frames; "
+                f"it needs 1 + 4k frames (>= {frames}): pass --num-frames or trim the clip"
             )
+            log.error("skipping: %s", bad[-1])
+            continue
         sample = encode_clip(encoders, clip["video"][:, :frames], clip["ref_image"], clip["pose"][:, :frames],
                              clip["ref_pose"], clip["prompt"])  # fmt: skip
         atomic_save_safetensors(sample, args.out / f"{clip['id']}.safetensors", {"prompt": clip["prompt"]})
-    barrier()
-    destroy()
+    return bad
 
 
 if __name__ == "__main__":

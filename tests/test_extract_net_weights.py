@@ -2,14 +2,15 @@
 Self-Forcing's), canonical keys, byte-identical tensors; an absent or empty role fails naming the roles."""
 
 import logging
+import warnings
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from conftest import randomize, tiny_inputs
 from safetensors.torch import load_file as st_load
 
 from scripts.extract_net_weights import ExtractError, extract, main
+from trainer.checkpoint import CheckpointManager
 from utils.safetensors_io import load_checkpoint, read_metadata, tensor_bytes
 from wan.checkpoint import load_weights
 from wan.configs import build_model
@@ -57,9 +58,9 @@ SINGLE_PROCESS = pytest.mark.filterwarnings("ignore:torch.distributed is disable
 
 @pytest.fixture(scope="module")
 def dcp_dir(tmp_path_factory, roles):
-    path = tmp_path_factory.mktemp("ckpt") / "step_000042"
-    dcp.save(roles, checkpoint_id=str(path), no_dist=True)  # what the trainer writes, minus the process group
-    return path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP in one process, without a process group
+        return CheckpointManager(tmp_path_factory.mktemp("ckpt")).save(42, roles)  # what the trainer writes
 
 
 @SINGLE_PROCESS
@@ -126,8 +127,7 @@ def test_empty_role_fails(tmp_path, roles):
     torch.save({"generator": roles["generator"], "generator_ema": {}}, tmp_path / "early.pt")
     with pytest.raises(ExtractError, match=r"'generator_ema'.*is empty"):
         extract(tmp_path / "early.pt", "generator_ema", tmp_path / "x.safetensors")
-    path = tmp_path / "dcp_early"
-    dcp.save({"generator": roles["generator"], "generator_ema": {}, "step": 1}, checkpoint_id=str(path), no_dist=True)
+    path = CheckpointManager(tmp_path / "dcp_early").save(1, {"generator": roles["generator"], "generator_ema": {}})
     with pytest.raises(ExtractError, match=r"no tensors for role 'generator_ema' \(absent, or saved empty\)"):
         extract(path, "generator_ema", tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()

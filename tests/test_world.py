@@ -94,7 +94,8 @@ def test_encoded_world_trains_the_teacher_with_evaluation(tmp_path):
 
 def test_teacher_stopped_by_max_minutes_resumes_exactly(tmp_path):
     base = ["model=tiny", "data.type=synthetic", "data.num_samples=3", "data.latent_frames=3", "train.dtype=fp32",
-            "train.iterations=5", "train.save_every=100", "roles.teacher.ema_decay=0.9", "roles.teacher.lr=1e-3"]  # fmt: skip
+            "train.iterations=5", "train.save_every=100", "roles.teacher.ema_decay=0.9",
+            "roles.teacher.lr=1e-3"]  # fmt: skip
     straight = Trainer(cfg_of("configs/stages/teacher.yaml", *base, f"run.output_dir={tmp_path / 'a'}"),
                        objective_registry()).train()  # fmt: skip
     out = f"run.output_dir={tmp_path / 'b'}"

@@ -7,15 +7,20 @@ same global batch as one process with batch N*b.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from utils.safetensors_io import load_file
+from utils.config import ConfigError
+from utils.safetensors_io import SafetensorsReader, load_file
 from utils.scheduler import add_noise
 from wan.configs import get_config
+
+log = logging.getLogger(__name__)
 
 
 class SyntheticPoseDataset(Dataset):
@@ -86,6 +91,82 @@ class TensorFolderDataset(Dataset):
         return {k: v.float() if v.dtype == torch.uint8 else v for k, v in sample.items()}  # pose frames, 0..255
 
 
+class TooManyBadSamples(ConfigError):
+    """More of data.path is unreadable than data.max_bad_fraction allows."""
+
+
+class CheckedSamples(Dataset):
+    """A folder dataset whose unreadable samples are skipped instead of crashing the run.
+
+    Up front, every file's safetensors header is read (cheap: no tensor data): empty, truncated and non-safetensors
+    files, and files whose keys differ from the most common key set, are left out. A sample that still fails
+    when it is loaded (or holds NaN/inf) is replaced by the next readable one, so the batch of an iteration stays
+    a pure function of the files (resume and N-rank runs agree). Every skip is a warning naming the file with
+    the running count; more than `max_bad_fraction` of the files bad stops the run with TooManyBadSamples.
+    """
+
+    def __init__(self, dataset: Dataset, files: list[Path], max_bad_fraction: float, required: tuple[str, ...] = ()):
+        self.dataset, self.files, self.max_bad_fraction = dataset, list(files), max_bad_fraction
+        self.bad: dict[int, str] = {}  # index into files -> problem
+        keys: dict[int, frozenset[str]] = {}
+        for i, path in enumerate(self.files):
+            try:
+                with SafetensorsReader(path) as reader:
+                    keys[i] = frozenset(reader.specs)
+            except Exception as err:  # any header the reader rejects: the file is not a usable sample
+                self._mark(i, _one_line(err).replace(f"{path}: ", "").replace(str(path), "the file"), check=False)
+        counts = Counter(keys.values())
+        usual = max(counts, key=lambda k: (counts[k], len(k))) if counts else frozenset()
+        for i, have in keys.items():
+            lacking = sorted((usual | set(required)) - have)
+            if lacking:
+                self._mark(i, f"it lacks {lacking}, which the other samples have", check=False)
+        self.good = [i for i in range(len(self.files)) if i not in self.bad]
+        self._check()
+        if self.bad:
+            log.warning("data: %d of %d samples in %s are unreadable and skipped (data.max_bad_fraction=%g)",
+                        len(self.bad), len(self.files), self.files[0].parent, self.max_bad_fraction)  # fmt: skip
+
+    def _mark(self, i: int, problem: str, check: bool = True) -> None:
+        self.bad[i] = problem
+        log.warning("data: skipping %s: %s (%d of %d samples bad so far)", self.files[i], problem, len(self.bad),
+                    len(self.files))  # fmt: skip
+        if check:
+            self._check()
+
+    def _check(self) -> None:
+        if len(self.bad) <= self.max_bad_fraction * len(self.files) and len(self.bad) < len(self.files):
+            return
+        shown = "; ".join(f"{self.files[j].name}: {p}" for j, p in list(self.bad.items())[:3])
+        raise TooManyBadSamples(
+            f"{len(self.bad)} of {len(self.files)} samples in {self.files[0].parent} are unreadable, more than "
+            f"data.max_bad_fraction={self.max_bad_fraction:g} allows ({shown}): regenerate or remove them, or raise "
+            "data.max_bad_fraction"
+        )
+
+    def __len__(self) -> int:
+        return len(self.good)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        for step in range(len(self.good)):
+            i = self.good[(index + step) % len(self.good)]
+            if i in self.bad:
+                continue
+            try:
+                sample = self.dataset[i]
+                nonfinite = [k for k, v in sample.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+                if nonfinite:
+                    raise ValueError(f"non-finite values in {nonfinite}")
+                return sample
+            except Exception as err:  # safetensors raises its own error type; any failure means a bad file
+                self._mark(i, _one_line(err))
+        raise TooManyBadSamples(f"no sample in {self.files[0].parent} is readable any more")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
 POSE_KEYS = ("pose", "ref_pose")
 
 
@@ -141,11 +222,14 @@ def _build_dataset(data_cfg: Any, generator_preset: str | None, seed: int) -> Da
     if data_cfg.type in ("ode_pairs", "latents"):
         if data_cfg.path is None:
             raise ValueError(f"data.type={data_cfg.type} needs data.path (a folder of samples)")
+        fraction = float(data_cfg.get("max_bad_fraction", 0.0))
         if data_cfg.type == "ode_pairs":  # checks the generation manifest, returns pose frames as float
             from pipeline.ode_pairs import ODEPairDataset
 
-            return ODEPairDataset(data_cfg.path)
-        return TensorFolderDataset(data_cfg.path)
+            pairs = ODEPairDataset(data_cfg.path)
+            return CheckedSamples(pairs, pairs.files, fraction, required=("ode_latents", "ode_t"))
+        folder = TensorFolderDataset(data_cfg.path)
+        return CheckedSamples(folder, folder.files, fraction)
     raise ValueError(f"data.type={data_cfg.type!r}: expected synthetic, ode_pairs or latents")
 
 

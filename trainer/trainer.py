@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,12 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import CheckpointManager, lock_run_folder, truncate_metrics
 from trainer.data import build_dataset, global_indices, local_batch
 from trainer.ema import EMA
 from trainer.objective import Objective, TrainContext
 from trainer.roles import build_role, make_optimizer, parallel_mode
-from utils.config import DTYPES, ConfigError, save_config
+from utils.config import DTYPES, ConfigError, save_config, validate_config
 from utils.dist import all_reduce_mean, average_gradients, barrier, init_distributed, init_single_process_group
 from utils.safetensors_io import atomic_save_safetensors
 from wan.configs import model_config
@@ -85,9 +86,14 @@ class Trainer:
         if self.mode == "fsdp" and self.dist.world_size == 1:
             init_single_process_group(self.dist.device)  # bf16 in one process: FSDP2 over a world of one
         objective_cls = registry[cfg.stage]
+        validate_config(cfg)
         self.run_dir = Path(cfg.run.output_dir) / (cfg.run.name or cfg.stage)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, self.dist.is_main)
-        if cfg.run.resume is None and self.ckpt.valid():
+        self.resume_from = self.ckpt.candidates(cfg.run.resume)  # a bad --resume PATH fails before anything is written
+        self.lock = lock_run_folder(self.run_dir) if self.dist.is_main else None  # one live run per folder
+        if self.lock is not None:
+            weakref.finalize(self, self.lock.release)  # a finished (or failed) Trainer gives the folder back
+        if cfg.run.resume is None and self.ckpt.folders():
             raise ConfigError(
                 f"{self.run_dir} already has checkpoints: pass run.resume=auto (or --resume auto) to continue it, "
                 "or choose another run.name"
@@ -122,9 +128,7 @@ class Trainer:
             from trainer.evaluation import WorldEvaluator
 
             self.evaluator = WorldEvaluator(cfg.eval, self.dist.device)
-        self.start = 0
-        if cfg.run.resume is not None:
-            self.start = self._resume(cfg.run.resume)
+        self.start = self._resume(cfg.run.resume)
 
     # -- state
 
@@ -138,18 +142,34 @@ class Trainer:
         }
         return state
 
-    def _resume(self, resume: str) -> int:
-        if resume != "auto":
-            self.ckpt = CheckpointManager(Path(resume).parent, self.cfg.train.keep_last, self.dist.is_main)
-        state = self._state()
-        iteration = self.ckpt.load_latest(state)
-        if iteration is None:
-            log.info("run.resume=%s: no complete checkpoint in %s, starting fresh", resume, self.ckpt.folder)
+    def _resume(self, resume: str | None) -> int:
+        if not self.resume_from:
+            if resume is not None:
+                log.info("run.resume=%s: no checkpoint in %s yet, starting fresh", resume, self.ckpt.folder)
+            if self.dist.is_main:
+                truncate_metrics(self.run_dir / "metrics.jsonl", 0)  # lines of a run killed before its first save
             return 0
+        state = self._state()
+        _, manifest = self.ckpt.load(state, self.resume_from, exact=resume != "auto")
         for name in self.trainable:
             set_model_state_dict(self.roles[name], state[name])
             set_optimizer_state_dict(self.roles[name], self.optimizers[name], state["optimizers"][name])
+        for name in manifest.get("unstepped_optimizers", []):
+            self.optimizers[name].state.clear()  # see _save
+        iteration = int(manifest["iteration"])
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", iteration)
         return iteration
+
+    def _save(self, iteration: int) -> None:
+        # get_optimizer_state_dict initialises the state of an optimizer that has not stepped yet with a zero-lr
+        # step (AdamW's step count becomes 1): undo that and record it, so that saving and resuming leave the
+        # step counts exactly as a straight run has them.
+        unstepped = sorted(name for name, opt in self.optimizers.items() if not opt.state)
+        state = self._state()
+        for name in unstepped:
+            self.optimizers[name].state.clear()
+        self.ckpt.save(iteration, state, {"unstepped_optimizers": unstepped})
 
     # -- loop
 
@@ -228,7 +248,7 @@ class Trainer:
             done = iteration + 1
             out_of_time = self._out_of_time(started)
             if done % cfg.train.save_every == 0 or done == cfg.train.iterations or out_of_time:
-                self.ckpt.save(done, self._state())
+                self._save(done)
             if out_of_time and done < cfg.train.iterations:
                 log.info("train.max_minutes=%s reached after iteration %d: checkpoint saved, rerun with --resume "
                          "auto to continue", cfg.train.max_minutes, iteration)  # fmt: skip

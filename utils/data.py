@@ -63,8 +63,12 @@ def to_contract(
     }
 
 
-def read_index(root: str | Path) -> list[dict]:
-    """The entries of root/index.jsonl, checked for the required keys and files."""
+def read_index(root: str | Path, problems: list[str] | None = None) -> list[dict]:
+    """The entries of root/index.jsonl, checked for the required keys and files.
+
+    problems: when a list is given, a bad line (invalid JSON, a key or a file missing) is appended to it as a
+    message naming the file, and left out, instead of raising: a caller can then report every bad sample.
+    """
     root = Path(root)
     index = root / INDEX_NAME
     if not index.is_file():
@@ -74,30 +78,45 @@ def read_index(root: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{index}:{line_no} is not valid JSON: {e}") from e
-        missing = [k for k in INDEX_KEYS if k not in entry]
-        if missing:
-            raise ValueError(f"{index}:{line_no} lacks {missing}; each line needs {list(INDEX_KEYS)}")
-        for key in FILE_KEYS:
-            if not (root / entry[key]).is_file():
-                raise FileNotFoundError(
-                    f"sample {entry['id']}: {key} file {root / entry[key]} is missing "
-                    f"(listed in {index}); re-export the sample or remove its line"
-                )
-        entries.append(entry)
+            entries.append(_index_entry(root, index, line_no, line))
+        except (ValueError, FileNotFoundError) as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
     if not entries:
+        if problems:
+            raise ValueError(f"dataset {root}: none of its {len(problems)} samples is usable ({problems[0]}; ...)")
         raise ValueError(f"dataset {root} is empty: {index} lists no samples; {MAKE_HINT}")
     return entries
+
+
+def _index_entry(root: Path, index: Path, line_no: int, line: str) -> dict:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index}:{line_no} is not valid JSON: {e}") from e
+    if not isinstance(entry, dict):
+        raise ValueError(f"{index}:{line_no} is not a JSON object; each line needs {list(INDEX_KEYS)}")
+    missing = [k for k in INDEX_KEYS if k not in entry]
+    if missing:
+        raise ValueError(f"{index}:{line_no} lacks {missing}; each line needs {list(INDEX_KEYS)}")
+    for key in FILE_KEYS:
+        if not (root / entry[key]).is_file():
+            raise FileNotFoundError(
+                f"sample {entry['id']}: {key} file {root / entry[key]} is missing "
+                f"(listed in {index}); re-export the sample or remove its line"
+            )
+    return entry
 
 
 class PoseVideoDataset(Dataset):
     """Reads a dataset folder (format in the module docstring); num_frames (1 + 4k) takes a random window."""
 
-    def __init__(self, root: str | Path, num_frames: int | None = None) -> None:
+    def __init__(self, root: str | Path, num_frames: int | None = None, skip_bad: bool = False) -> None:
+        """skip_bad: index lines with missing files are left out and listed in `problems` instead of raising."""
         self.root = Path(root)
-        self.entries = read_index(self.root)
+        self.problems: list[str] = []
+        self.entries = read_index(self.root, self.problems if skip_bad else None)
         if num_frames is not None and (num_frames < 1 or (num_frames - 1) % 4):
             raise ValueError(f"num_frames must be 1 + 4k, got {num_frames}")
         short = [e["id"] for e in self.entries if num_frames and e["num_frames"] < num_frames]
