@@ -28,12 +28,12 @@ import pytest
 import torch
 from _toy_objectives import REGISTRY, ToyTwoRoles
 from safetensors.torch import load_file, save_file
-from trainer.registry import objective_defaults
 
 import inference
 import train as train_script
 from scripts import extract_net_weights, merge_lora, preprocess_data
 from trainer.data import SyntheticPoseDataset
+from trainer.objective import objective_defaults
 from trainer.trainer import Trainer
 from utils.config import ConfigError, load_config
 from utils.safetensors_io import atomic_save_safetensors
