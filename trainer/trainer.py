@@ -233,9 +233,13 @@ class Trainer:
                 if role in self.emas:
                     self.emas[role].update(model, iteration)
             logs["iteration"] = iteration
-            last = iteration + 1 == cfg.train.iterations
-            if self.evaluator is not None and ((iteration + 1) % cfg.eval.every == 0 or last):
-                logs.update(self._evaluate(iteration + 1))
+            done = iteration + 1
+            out_of_time = self._out_of_time(started)
+            # evaluated every eval.every iterations, and at the end of a run, also one stopped by max_minutes
+            if self.evaluator is not None and (
+                done % cfg.eval.every == 0 or done == cfg.train.iterations or out_of_time
+            ):
+                logs.update(self._evaluate(done))
             history.append(logs)
             if self.dist.is_main:
                 with open(metrics_path, "a") as f:
@@ -245,8 +249,6 @@ class Trainer:
                 if iteration % cfg.train.log_every == 0:
                     bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
                     log.info("iteration %d: %s", iteration, ", ".join(f"{k} {v:.5g}" for k, v in logs.items()))
-            done = iteration + 1
-            out_of_time = self._out_of_time(started)
             if done % cfg.train.save_every == 0 or done == cfg.train.iterations or out_of_time:
                 self._save(done)
             if out_of_time and done < cfg.train.iterations:
