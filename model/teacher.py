@@ -88,12 +88,12 @@ class PoseTeacherTraining(Objective):
         keep_pose = (self.ctx.rand(b) >= self.opts["pose_dropout"]).float()
         keep_image = (self.ctx.rand(b) >= self.opts["image_dropout"]).float()
         uncond = (self.ctx.rand(b) < self.opts["uncond_dropout"]).float()
-        t = draw_timesteps(self.ctx, (b,), self.opts)  # [B]
+        t = draw_timesteps(self.ctx, (b,), self.opts).to(x0.device)  # [B]
         noise = self.ctx.randn(*x0.shape).to(x0.dtype)
         cond = unconditional_rows(dropout_conditions(model, batch, keep_pose, keep_image), batch, uncond)
-        x_t = add_noise(x0, noise, t.to(x0.device))
-        flow = model(x_t, t.to(x0.device), **cond)
-        loss = weighted_flow_mse(flow, flow_target(x0, noise), t.to(x0.device), self.opts["shift"],
+        x_t = add_noise(x0, noise, t)
+        flow = model(x_t, t, **cond)
+        loss = weighted_flow_mse(flow, flow_target(x0, noise), t, self.opts["shift"],
                                  self.opts["training_weight"])  # fmt: skip
         logs = {"t_mean": t.mean(), "pose_kept": keep_pose.mean(), "image_kept": keep_image.mean(),
                 "uncond": uncond.mean()}  # fmt: skip

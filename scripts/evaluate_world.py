@@ -25,6 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipeline.world import (  # noqa: E402
@@ -103,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--rows: unknown {unknown}; known: ceiling, {', '.join(ROWS)}")
     if any(r != "ceiling" for r in rows) and args.weights is None:
         raise SystemExit("--weights is needed for every row but ceiling")
-    overrides = dict(kv.split("=", 1) for kv in args.overrides)
-    overrides = {k: int(v) if v.isdigit() else v for k, v in overrides.items()}
+    overrides = OmegaConf.to_container(OmegaConf.from_dotlist(args.overrides))  # as make_toy_dataset.py
     device = torch.device(args.device)
     enc = world_encoders(device)
     model = None

@@ -37,7 +37,6 @@ from utils.video_io import VideoReadError  # noqa: E402
 from utils.wan_wrapper import ImageEncoder, WanVAE  # noqa: E402
 
 log = logging.getLogger("preprocess_data")
-Y_CHANNELS = 20  # Wan I2V: 4 mask channels + 16 latent channels
 DEFAULT_ASSETS = {  # relative to --models-dir, where download_models.py puts them
     "vae": "Wan2.1-T2V-1.3B/Wan2.1_VAE.pth",
     "clip": "Wan2.1-I2V-14B-480P/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",

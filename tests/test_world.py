@@ -18,6 +18,7 @@ from scripts import generate_ode_pairs, make_toy_dataset
 from trainer.objective import objective_defaults
 from trainer.trainer import Trainer
 from utils.config import load_config
+from utils.data import to_contract
 from utils.synthetic_pose import generate_sample, load_world_config, prompt_vocabulary
 from wan.checkpoint import save_weights
 from wan.configs import build_model
@@ -53,12 +54,9 @@ def test_batched_encode_equals_one_clip_at_a_time(enc):
     clips = held_out_clips(enc, [7, 8], **TINY_WORLD)
     inputs = []
     for c in clips:
-        s = c.world
-        v = torch.from_numpy(s.video).permute(3, 0, 1, 2).float() / 127.5 - 1
-        p = torch.from_numpy(s.pose).permute(3, 0, 1, 2).float()
-        r = torch.from_numpy(s.ref_image).permute(2, 0, 1).float() / 127.5 - 1
-        rp = torch.from_numpy(s.ref_pose).permute(2, 0, 1).float()
-        inputs.append((v, r, p, rp, s.prompt, [(v[:, 1], p[:, 1])]))
+        s = to_contract(c.world.video, c.world.pose, c.world.ref_image, c.world.ref_pose, c.world.prompt, "")
+        v, p = s["video"], s["pose"]
+        inputs.append((v, s["ref_image"], p, s["ref_pose"], s["prompt"], [(v[:, 1], p[:, 1])]))
     together = encode_clips(enc, inputs)
     for one, both in zip((encode_clips(enc, [x])[0] for x in inputs), together, strict=True):
         assert one.keys() == both.keys()
