@@ -66,6 +66,8 @@ def shard_fsdp2(model: WanModel, bf16: bool) -> WanModel:
     for block in model.blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp, ignored_params=set(replicated_params(model)))
+    if bf16 and model.pose_dim is not None:
+        model.pose_compute_dtype = torch.bfloat16  # the ignored pose encoders: bf16 compute like the blocks
     return model
 
 

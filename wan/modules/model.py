@@ -343,6 +343,10 @@ class WanModel(nn.Module):
         # Fills the pose encoders at the first encode_pose (build_model's pose_weights_path); the network reads no
         # files itself.
         self.pose_loader = pose_loader
+        # The pose encoders' compute dtype when it differs from their parameters' (None: their own dtype). FSDP2's
+        # bf16 training keeps them as fp32 replicated parameters outside the sharded blocks, where they would run
+        # in fp32; trainer.roles sets bf16 here so they compute as the blocks do (autocast, fp32 gradients).
+        self.pose_compute_dtype: torch.dtype | None = None
         self.init_weights()
 
     # -- init
@@ -373,14 +377,19 @@ class WanModel(nn.Module):
 
         pose_frames [B, 3, F_pose, H, W] in 0..255 with F_pose = 1 + 4k; ref_pose [B, 3, H, W] in 0..255.
         Returns tokens [B, F_lat*h*w, dim] (F_lat = k + 1, h = H/16, w = W/16) and map [B, y_ch, 1, H/8, W/8].
-        Calls `pose_loader` (if any) once, before the first encoding.
+        Calls `pose_loader` (if any) once, before the first encoding; computes under autocast in
+        `pose_compute_dtype` when that is set (bf16 training of fp32 pose encoders).
         """
         if self.pose_dim is None:
             raise RuntimeError("this model has no pose encoders: build it with pose_dim set (e.g. 5120)")
         if self.pose_loader is not None:
             self.pose_loader(self)
             self.pose_loader = None
-        return pose_mod.encode_pose(self, pose_frames, ref_pose)
+        dtype = self.pose_compute_dtype
+        if dtype is None or dtype == self.dwpose_embedding[0].weight.dtype:
+            return pose_mod.encode_pose(self, pose_frames, ref_pose)
+        with torch.autocast(pose_frames.device.type, dtype=dtype):
+            return pose_mod.encode_pose(self, pose_frames, ref_pose)
 
     def embed_context(
         self, context: torch.Tensor, clip_fea: torch.Tensor | None
