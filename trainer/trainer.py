@@ -66,14 +66,17 @@ def backward_per_role(losses: dict[str, torch.Tensor], params: dict[str, list[to
     wrt their inputs; the gradient it leaves on their parameters is discarded here, so each optimizer sees only
     its own loss. The parameters keep requires_grad throughout: toggling it around a forward breaks activation
     checkpointing, whose recomputation in backward would then see different flags.
+
+    Each backward frees its graph: the roles' losses share no autograd graph in any objective (a generator
+    sample reaches the critic's loss detached), so the generator's activations go before the critic's backward.
+    An objective whose losses did share a graph fails loudly here ("backward through the graph a second time").
     """
-    order = list(losses)
-    for i, role in enumerate(order):
+    for role in losses:
         others = [p for r, ps in params.items() if r != role for p in ps]
         stash = [p.grad for p in others]
         for p in others:
             p.grad = None
-        losses[role].backward(retain_graph=i < len(order) - 1)
+        losses[role].backward()
         for p, g in zip(others, stash, strict=True):
             p.grad = g
 
