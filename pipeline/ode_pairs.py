@@ -228,12 +228,17 @@ def generate_ode_pairs(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
+    batch_size: int = 1,
 ) -> list[int]:
     """Write the ODE pairs of the source samples r::world that are not written yet; returns the indices written.
 
     source items are conditioning dicts in the batch layout without the batch dim (context, clip_fea, y, pose,
-    ...). Each sample starts from sample_noise(seed, index), so the output does not depend on ranks or resumes.
+    ...), all of one shape when batch_size > 1 (samples solved together, each written on its own). Each sample
+    starts from sample_noise(seed, index), so the output does not depend on ranks, resumes or batching (up to
+    the float rounding of batched kernels).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected at least 1 sample per teacher call")
     out_dir = Path(out_dir)
     if rank == 0:
         check_manifest(out_dir, settings, write=True)
@@ -241,19 +246,20 @@ def generate_ode_pairs(
     check_manifest(out_dir, settings, write=False)
     if settings.causal and not isinstance(model, CausalWanModel):
         raise TypeError("settings.causal=True needs a causal model (e.g. the ODE-initialised student)")
+    pending = [i for i in range(rank, len(source), world_size) if not is_complete(sample_path(out_dir, i))]
     written = []
-    for index in range(rank, len(source), world_size):
-        path = sample_path(out_dir, index)
-        if is_complete(path):
-            continue
-        item = source[index]
-        batch = {k: item[k][None].to(device) for k in COND_KEYS if k in item}
-        noise = sample_noise(latent_shape(model, batch), settings.seed, index).to(device)
+    for start in range(0, len(pending), batch_size):
+        indices = pending[start : start + batch_size]
+        items = [source[i] for i in indices]
+        batch = {k: torch.stack([item[k] for item in items]).to(device) for k in COND_KEYS if k in items[0]}
+        shape = (1, *latent_shape(model, batch)[1:])
+        noise = torch.cat([sample_noise(shape, settings.seed, i) for i in indices]).to(device)
         if settings.causal:
             ode_latents, ode_t = causal_trajectory(model, batch, noise, settings)
         else:
             ode_latents, ode_t = teacher_trajectory(model, batch, noise, settings)
-        write_sample(path, ode_latents[0], ode_t, {k: v[0] for k, v in batch.items()})
-        written.append(index)
-        log.info("ODE pair %d written (%s)", index, path.name)
+        for j, index in enumerate(indices):
+            write_sample(sample_path(out_dir, index), ode_latents[j], ode_t, {k: v[j] for k, v in batch.items()})
+        written.extend(indices)
+        log.info("ODE pairs %d/%d of this rank written (last: %s)", len(written), len(pending), indices[-1])
     return written

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--causal", action="store_true", help="causal variant: a causal model, block by block")
     p.add_argument("--seed", type=int, default=0, help="noise of sample i is a function of (seed, i)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="network dtype")
+    p.add_argument("--batch-size", type=int, default=1, help="samples solved together (same shapes); small models")
     return p
 
 
@@ -70,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
         num_steps=args.num_steps, shift=args.shift, guidance=args.guidance, solver=args.solver,
         student_steps=tuple(args.student_steps), causal=args.causal, seed=args.seed,
     )  # fmt: skip
-    written = generate_ode_pairs(model, source, args.out, settings, dist.rank, dist.world_size, dist.device)
+    written = generate_ode_pairs(
+        model, source, args.out, settings, dist.rank, dist.world_size, dist.device, batch_size=args.batch_size
+    )
     logger.info("rank %d: wrote %d new samples to %s", dist.rank, len(written), args.out)
     barrier()
     destroy()
