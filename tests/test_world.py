@@ -140,3 +140,36 @@ def test_world_teacher_generates_ode_pairs(tmp_path, world_teacher_file):
     generate_ode_pairs.main(argv)
     pair = load_file(next(out.glob("*.safetensors")))
     assert pair["ode_latents"].shape == (5, 16, 2, 4, 4) and torch.isfinite(pair["ode_latents"]).all()
+
+
+def test_world_distillation_chain_runs_from_the_world_configs(tmp_path, world_teacher_file):
+    """Issue 15's chain at tiny size on CPU, every step from its configs/world/ file: encoded world clips -> the
+    world teacher's ODE pairs (batched) -> causal ODE init -> Path A (DMD, generator and critic from the ODE init)
+    and Path B (pose finetune -> SiD), Self-Forcing + GAN; each export loads into the next step's roles."""
+    data = tmp_path / "train"
+    argv = ["--encode", "--out", str(data), "--num-samples", "2", "--seed", "1000000", "--workers", "1",
+            "--ref-choices", "1", "--device", "cpu", *(f"{k}={v}" for k, v in TINY_WORLD.items())]  # fmt: skip
+    assert make_toy_dataset.main(argv) == 0
+    pairs = tmp_path / "pairs"
+    argv = ["--preset", "world_teacher", "--weights", str(world_teacher_file), "--source", str(data),
+            "--out", str(pairs), "--num-steps", "8", "--dtype", "fp32", "--batch-size", "2"]  # fmt: skip
+    assert generate_ode_pairs.main(argv) == 0
+    assert len(list(pairs.glob("*.safetensors"))) == 2
+    common = ["train.iterations=2", "train.batch_size=2", "train.dtype=fp32", "eval.every=0",
+              f"run.output_dir={tmp_path}"]  # fmt: skip
+
+    def run(config: str, *overrides: str) -> list[dict]:
+        history = Trainer(cfg_of(config, *common, *overrides), objective_registry()).train()
+        losses = [v for h in history for k, v in h.items() if k.startswith("loss/")]
+        assert losses and all(torch.isfinite(torch.tensor(losses))), config
+        return history
+
+    run("configs/world/ode_init.yaml", f"data.path={pairs}", "data.cache=memory")
+    init = tmp_path / "world_ode_init" / "export" / "generator_ema.safetensors"
+    students = [f"roles.generator.weights={init}", f"roles.critic.weights={init}",
+                f"roles.teacher.weights={world_teacher_file}", f"data.path={data}", "data.cache=memory"]  # fmt: skip
+    run("configs/world/dmd.yaml", *students)
+    run("configs/world/pose_finetune.yaml", f"roles.generator.weights={init}", f"data.path={data}")
+    tuned = tmp_path / "world_pose_finetune" / "export" / "generator_ema.safetensors"
+    run("configs/world/sid.yaml", *students, f"roles.generator.weights={tuned}")
+    run("configs/world/self_forcing_gan.yaml", *students, f"roles.discriminator.weights={init}")
