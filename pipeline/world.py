@@ -17,7 +17,7 @@ import torch.nn as nn
 from pipeline.conditions import cfg_conditions, conditions, image_condition, latent_shape
 from pipeline.rollout import DEFAULT_STEPS, sample_latents, stream_latents
 from utils.data import to_contract
-from utils.metrics import evaluate_clip
+from utils.metrics import evaluate_clip, keypoint_metrics, psnr, ssim
 from utils.synthetic_pose import SyntheticSample, detect_markers, generate_sample, load_world_config
 from wan.modules.causal_model import CausalWanModel
 
@@ -172,10 +172,27 @@ def to_frames(video: torch.Tensor) -> np.ndarray:
     return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
 
 
+def detector() -> Callable[[np.ndarray], object]:
+    """The exact marker detector at the tolerance decoded frames need."""
+    return partial(detect_markers, tolerance=MARKER_TOLERANCE)
+
+
 def score(frames: np.ndarray, clip: HeldOutClip) -> dict:
-    """utils.metrics.evaluate_clip of decoded frames against the clip's driving pose and ground-truth video."""
-    detector = partial(detect_markers, tolerance=MARKER_TOLERANCE)
-    return evaluate_clip(frames, clip.world.keypoints, detector, clip.world.video)
+    """utils.metrics.evaluate_clip of decoded frames against the clip's driving pose and ground-truth video,
+    with the PCK of every frame (`pck_per_frame`)."""
+    return evaluate_clip(frames, clip.world.keypoints, detector(), clip.world.video, per_frame=True)
+
+
+def agreement(frames: np.ndarray, reference: np.ndarray) -> dict:
+    """Student-teacher agreement: the pose detected in `frames` against the pose detected in the teacher's own
+    sample of the clip (`reference`, same shape), and PSNR / SSIM between the two; keys prefixed `agree_`."""
+    if frames.shape != reference.shape:
+        raise ValueError(f"frames {frames.shape} and the reference sample {reference.shape} differ in shape")
+    _, h, w, _ = frames.shape
+    detect = detector()
+    pose = keypoint_metrics(detect(reference), detect(frames), w, h)
+    out = {f"agree_{k}": v for k, v in pose.items()}
+    return out | {"agree_psnr": psnr(frames, reference), "agree_ssim": ssim(frames, reference)}
 
 
 def mean_scores(rows: list[dict]) -> dict:

@@ -17,6 +17,7 @@ from utils.metrics import (
     flicker,
     keypoint_jitter,
     keypoint_metrics,
+    pck_per_frame,
     psnr,
     ssim,
     ssim_map,
@@ -62,6 +63,23 @@ def test_keypoint_metrics_of_a_known_shift(sample):
         assert m["pck@0.05"] == pytest.approx((expected <= 0.05).mean())
     assert keypoint_metrics(truth, shifted(truth, 2.0), w, h)["pck@0.05"] == 1.0  # 2 px < 0.05 of ~70 px
     assert keypoint_metrics(truth, shifted(truth, 12.0), w, h)["pck@0.05"] == 0.0
+
+
+def test_pck_per_frame_counts_each_frame_as_keypoint_metrics_does(sample):
+    truth = sample.keypoints
+    w, h = truth.width, truth.height
+    half = len(truth) // 2
+    detected = shifted(truth, 12.0)
+    detected.body[:half] = truth.body[:half]  # the first half exact, the second 12 px off (a miss)
+    per_frame = pck_per_frame(truth, detected, w, h)
+    assert per_frame.shape == (len(truth),)
+    np.testing.assert_array_equal(per_frame[:half], 1.0)
+    np.testing.assert_array_equal(per_frame[half:], 0.0)
+    visible = truth.body_visible.sum(1)  # the clip's PCK is the visible-weighted mean of the frames'
+    pooled = float((per_frame * visible).sum() / visible.sum())
+    assert keypoint_metrics(truth, detected, w, h)["pck@0.05"] == pytest.approx(pooled)
+    m = evaluate_clip(sample.video, truth, detect_markers, per_frame=True)
+    assert len(m["pck_per_frame"]) == len(truth) and np.nanmean(m["pck_per_frame"]) > 0.98
 
 
 def test_identical_clip_scores_perfect(sample):

@@ -32,13 +32,11 @@ def body_scale(pose: PoseSequence, width: int, height: int) -> np.ndarray:
     return np.where(vis.sum(1) >= 2, scale, np.nan)
 
 
-def keypoint_metrics(driving: PoseSequence, detected: PoseSequence, width: int, height: int) -> dict:
-    """Pose fidelity of detected vs driving keypoints (same number of frames), in width x height pixels.
-
-    kpt_l2: mean error / body scale over body keypoints visible in both; pck@0.05: fraction of driving-
-    visible keypoints detected within 0.05 body scales (undetected ones count as misses);
-    detection_rate: fraction of driving-visible keypoints detected at all.
-    """
+def _keypoint_errors(
+    driving: PoseSequence, detected: PoseSequence, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per body keypoint of each frame: error in body scales [F, 20], visible in the driving pose (in a frame with
+    a body scale) [F, 20], visible in both [F, 20]."""
     if len(driving) != len(detected):
         raise ValueError(f"driving pose has {len(driving)} frames, detected {len(detected)}")
     scale = body_scale(driving, width, height)  # [F]
@@ -46,13 +44,31 @@ def keypoint_metrics(driving: PoseSequence, detected: PoseSequence, width: int, 
     err = np.linalg.norm(driving.body_pixels(width, height) - detected.body_pixels(width, height), axis=-1)
     err = err / np.where(ok_frame, scale, 1.0)[:, None]  # [F, 20] in body scales
     ref_vis = driving.body_visible & ok_frame[:, None]
-    both = ref_vis & detected.body_visible
+    return err, ref_vis, ref_vis & detected.body_visible
+
+
+def keypoint_metrics(driving: PoseSequence, detected: PoseSequence, width: int, height: int) -> dict:
+    """Pose fidelity of detected vs driving keypoints (same number of frames), in width x height pixels.
+
+    kpt_l2: mean error / body scale over body keypoints visible in both; pck@0.05: fraction of driving-
+    visible keypoints detected within 0.05 body scales (undetected ones count as misses);
+    detection_rate: fraction of driving-visible keypoints detected at all.
+    """
+    err, ref_vis, both = _keypoint_errors(driving, detected, width, height)
     n_ref = int(ref_vis.sum())
     return {
         "kpt_l2": float(err[both].mean()) if both.any() else math.nan,
         f"pck@{PCK_THRESHOLD}": float((both & (err <= PCK_THRESHOLD)).sum() / n_ref) if n_ref else math.nan,
         "detection_rate": float(both.sum() / n_ref) if n_ref else math.nan,
     }
+
+
+def pck_per_frame(driving: PoseSequence, detected: PoseSequence, width: int, height: int) -> np.ndarray:
+    """[F] PCK@0.05 of each frame (as keypoint_metrics counts it); NaN in frames without a visible keypoint."""
+    err, ref_vis, both = _keypoint_errors(driving, detected, width, height)
+    n_ref = ref_vis.sum(1)
+    hits = (both & (err <= PCK_THRESHOLD)).sum(1)
+    return np.where(n_ref > 0, hits / np.maximum(n_ref, 1), np.nan)
 
 
 def keypoint_jitter(pose: PoseSequence, scale: np.ndarray, width: int, height: int) -> float:
@@ -121,10 +137,14 @@ def flicker(generated: np.ndarray, reference: np.ndarray) -> float:
 
 
 def evaluate_clip(
-    generated: np.ndarray, driving: PoseSequence, detector: Detector, ground_truth: np.ndarray | None = None
+    generated: np.ndarray,
+    driving: PoseSequence,
+    detector: Detector,
+    ground_truth: np.ndarray | None = None,
+    per_frame: bool = False,
 ) -> dict:
     """All metrics of one generated clip [F, H, W, 3] against its driving pose (and ground-truth video,
-    same size and length, when there is one)."""
+    same size and length, when there is one); per_frame adds `pck_per_frame` (a list of F floats)."""
     f, h, w, _ = generated.shape
     if len(driving) != f:
         raise ValueError(f"generated clip has {f} frames but the driving pose has {len(driving)}")
@@ -133,6 +153,8 @@ def evaluate_clip(
     out = keypoint_metrics(driving, detected, w, h)
     out["jitter"] = keypoint_jitter(detected, scale, w, h)
     out["jitter_driving"] = keypoint_jitter(driving, scale, w, h)
+    if per_frame:
+        out["pck_per_frame"] = pck_per_frame(driving, detected, w, h).tolist()
     if ground_truth is not None:
         if ground_truth.shape != generated.shape:
             raise ValueError(
