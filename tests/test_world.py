@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -195,10 +196,36 @@ def test_evaluate_world_scores_students_against_the_teacher(tmp_path, world_teac
     assert rows["ceiling"]["mean"]["psnr"] > rows["steps4"]["mean"]["psnr"] + 1  # random weights vs the toy VAE
     # agreement against frames saved by the earlier run equals agreement measured in the same run
     argv = ["--rows", "", "--clips", "2", "--device", "cpu", "--student", f"s={student}",
-            "--reference-frames", str(tmp_path / "frames" / "steps4"), "--out", str(tmp_path / "b"), *world]  # fmt: skip
+            "--reference-frames", str(tmp_path / "frames" / "steps4"), "--out", str(tmp_path / "b"),
+            *world]  # fmt: skip
     assert evaluate_world.main(argv) == 0
     again = json.loads((tmp_path / "b" / "metrics.json").read_text())["rows"]["s"]["mean"]
     for key in ("agree_psnr", "agree_ssim", "pck@0.05"):
         assert again[key] == pytest.approx(rows["s"]["mean"][key], rel=1e-6), key
     with pytest.raises(SystemExit, match="not among --student"):
         evaluate_world.main(["--rows", "ceiling", "--ablate", "x", "--out", str(tmp_path / "c")])
+
+
+def test_plot_world_writes_curves_and_per_frame_pngs(tmp_path):
+    from scripts import plot_world
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"iteration": i, "loss/generator": float(i)} | ({"eval/pck@0.05": i / 10} if i % 5 == 4
+                        else {})) for i in range(10)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"iteration\": 10, \"loss/gen")  # a torn last line
+    x, y = plot_world.series(plot_world.read_jsonl(run), "loss/generator", smooth=4)
+    np.testing.assert_allclose(x, np.arange(3, 10))
+    np.testing.assert_allclose(y, np.arange(3, 10) - 1.5)  # the mean of i-3..i
+    metrics = tmp_path / "metrics.json"
+    clips = [{"pck_per_frame": [1.0, 0.5, float("nan")]}, {"pck_per_frame": [0.0, 0.5, 1.0]}]
+    metrics.write_text(json.dumps({"clips": [0, 1], "rows": {"a": {"clips": clips}}}))
+    np.testing.assert_allclose(plot_world.mean_per_frame(clips), [0.5, 0.5, 1.0])
+    assert plot_world.main(["curves", "--run", f"A={run}", "--keys", "loss/generator,eval/pck@0.05",
+                            "--smooth", "4", "--out", str(tmp_path / "c.png")]) == 0  # fmt: skip
+    assert plot_world.main(["per-frame", "--metrics", str(metrics), "--out", str(tmp_path / "f.png")]) == 0
+    for png in ("c.png", "f.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    with pytest.raises(SystemExit, match="not in"):
+        plot_world.main(["per-frame", "--metrics", str(metrics), "--rows", "b", "--out", str(tmp_path / "x.png")])
