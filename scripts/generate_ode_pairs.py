@@ -20,6 +20,8 @@ if __package__ in (None, ""):  # run as `python scripts/generate_ode_pairs.py`: 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+from torch.utils.data import Subset  # noqa: E402
+
 from pipeline.ode_pairs import ODEPairSettings, generate_ode_pairs  # noqa: E402
 from pipeline.rollout import DEFAULT_STEPS  # noqa: E402
 from trainer.data import SyntheticPoseDataset, TensorFolderDataset  # noqa: E402
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--causal", action="store_true", help="causal variant: a causal model, block by block")
     p.add_argument("--seed", type=int, default=0, help="noise of sample i is a function of (seed, i)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="network dtype")
+    p.add_argument("--limit", type=int, help="only the first N samples of --source")
     p.add_argument("--batch-size", type=int, default=1, help="samples solved together (same shapes); small models")
     return p
 
@@ -64,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     model.eval().requires_grad_(False)
     if args.source:
         source = TensorFolderDataset(args.source)
+        if args.limit is not None:
+            source = Subset(source, range(min(args.limit, len(source))))
     else:
         size = tuple(args.latent_size)
         source = SyntheticPoseDataset(get_config(args.preset), args.synthetic, args.latent_frames, size, [], args.seed)

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# GPU calls of the world distillation (issue 15), from the world teacher: run the named steps in order, each
+# resumable (a step that the time budget stops continues at the next call, on a warm machine whose data/ and
+# runs/ are kept), and copy what comes back to OUT_DIR: logs, metrics.jsonl, resolved configs, the students'
+# exports (EMA in fp16 as shipped, fp32 raw) and the evaluation tables.
+#   bash scripts/jobs/world_distill.sh OUT_DIR SECONDS STEP [STEP ...]
+# Steps (in this order; a finished step is skipped):
+#   data        the training clips (make_toy_dataset.py --encode; the same seeds as the teacher's)
+#   pairs       ODE pairs of the world teacher (50 UniPC steps, CFG 1.5) for the first $PAIRS clips
+#   ode_init    causal ODE init of the world student
+#   dmd_a sid_a Path A: ODE init -> DMD / SiD          sf sf_gan   Self-Forcing (+GAN) from the ODE init
+#   finetune_b  Path B: ODE init -> pose finetune      dmd_b sid_b Path B: pose finetune -> DMD / SiD
+#   eval        scripts/evaluate_world.py on $EVAL_CLIPS test clips: teacher rows and every finished student
+# Env: TEACHER (default assets/world_teacher/teacher.safetensors), WORLD_CLIPS (3000), PAIRS (2000),
+#      EVAL_CLIPS (32), ABLATE (a student row to also score without pose, e.g. dmd_a), WORLD_OVERRIDES (world
+#      config overrides for data and eval, e.g. "num_frames=5 height=32 width=32" for a CPU smoke run),
+#      WARM (a previous session's OUT_DIR/exports: finished steps are skipped, later ones start from its exports;
+#      a warm-started ode_init trains its configured iterations again: shorten with train.iterations=N).
+#      Extra key=val go to every train.py call.
+set -u
+out=$1; secs=$2; shift 2
+steps=(); while [ $# -gt 0 ] && [[ "$1" != *=* ]]; do steps+=("$1"); shift; done
+start=$(date +%s)
+mkdir -p "$out/exports"
+teacher=${TEACHER:-assets/world_teacher/teacher.safetensors}
+left() { echo $(( secs - ($(date +%s) - start) - 40 )); }
+done_marker() { echo "runs/$1/.finished"; }
+
+export_of() {  # the generator export a later step starts from: the run's own, or a warm-start copy
+  local run=$1
+  if [ -f "runs/$run/export/generator_ema.safetensors" ]; then echo "runs/$run/export/generator_ema.safetensors"
+  elif [ -n "${WARM:-}" ] && [ -f "$WARM/$run.safetensors" ]; then echo "$WARM/$run.safetensors"
+  else echo ""; fi
+}
+
+train() {  # train RUN CONFIG key=val...: resume, stop at the budget, mark finished, copy back
+  local run=$1 config=$2; shift 2
+  if [ -f "$(done_marker "$run")" ] || { [ -n "${WARM:-}" ] && [ -f "$WARM/$run.finished" ]; }; then
+    echo "$run: finished earlier"; return 0
+  fi
+  local budget; budget=$(left)
+  [ "$budget" -lt 60 ] && { echo "$run: no time left"; return 1; }
+  echo "$run: training for up to $budget s"
+  python3 train.py --config "$config" --resume auto run.name="$run" \
+    train.max_minutes="$(python3 -c "print($budget / 60)")" "$@" "${EXTRA[@]}" >"$out/$run.log" 2>&1
+  local rc=$?
+  grep -v "UserWarning\|return func" "$out/$run.log" | tail -3
+  cp "runs/$run/metrics.jsonl" "$out/$run.metrics.jsonl" 2>/dev/null
+  cp "runs/$run/config.yaml" "$out/$run.config.yaml" 2>/dev/null
+  if [ -f "runs/$run/export/generator_ema.safetensors" ]; then
+    python3 - "runs/$run/export" "$out/exports" "$run" <<'PY'
+import sys
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+src, dst, run = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+meta = safe_open(str(src / "generator_ema.safetensors"), "pt").metadata()
+save_file({k: v.half() for k, v in load_file(src / "generator_ema.safetensors").items()},
+          dst / f"{run}_fp16.safetensors", meta)
+save_file(load_file(src / "generator_ema.safetensors"), dst / f"{run}.safetensors", meta)
+PY
+  fi
+  [ $rc -ne 0 ] && return $rc
+  grep -q "train.max_minutes=.* reached" "$out/$run.log" && return 1
+  touch "$(done_marker "$run")" "$out/exports/$run.finished"
+}
+
+from_init() {  # key=vals that start generator and critic (and discriminator) of a step from a run's export
+  local init; init=$(export_of "$1")
+  [ -z "$init" ] && { echo "no export of $1 (run it first, or set WARM)" >&2; return 1; }
+  echo "roles.generator.weights=$init roles.critic.weights=$init roles.discriminator.weights=$init"
+}
+
+EXTRA=("$@")
+for step in "${steps[@]}"; do
+  case $step in
+    data)
+      workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
+      python3 scripts/make_toy_dataset.py --encode --out data/world/train --num-samples "${WORLD_CLIPS:-3000}" \
+        --seed 1000000 --workers "$workers" --ref-choices "${WORLD_REF_CHOICES:-3}" ${WORLD_OVERRIDES:-} \
+        >"$out/data.log" 2>&1 \
+        || { tail -20 "$out/data.log"; exit 1; }
+      echo "data ready after $(( $(date +%s) - start )) s" ;;
+    pairs)
+      [ -f "$teacher" ] || { echo "no world teacher at $teacher (TEACHER=...)"; exit 1; }
+      timeout "$(left)" python3 scripts/generate_ode_pairs.py --preset world_teacher --weights "$teacher" \
+        --source data/world/train --out data/world/ode_pairs --limit "${PAIRS:-2000}" --dtype fp32 \
+        --batch-size 32 >"$out/pairs.log" 2>&1
+      rc=$?; tail -2 "$out/pairs.log"
+      echo "pairs: $(ls data/world/ode_pairs | grep -c safetensors) after $(( $(date +%s) - start )) s"
+      [ $rc -ne 0 ] && exit 1 ;;
+    ode_init)
+      warm=()  # a new machine: continue from the last session's export (AdamW moments restart)
+      if [ ! -d runs/world_ode_init ] && [ -n "$(export_of world_ode_init)" ]; then
+        warm=("roles.generator.weights=$(export_of world_ode_init)"); echo "ode_init: warm start from ${warm[0]}"
+      fi
+      train world_ode_init configs/world/ode_init.yaml "${warm[@]}" || exit 1 ;;
+    dmd_a) train world_dmd_a configs/world/dmd.yaml $(from_init world_ode_init) || exit 1 ;;
+    sid_a) train world_sid_a configs/world/sid.yaml $(from_init world_ode_init) || exit 1 ;;
+    sf) train world_sf configs/world/self_forcing.yaml $(from_init world_ode_init) || exit 1 ;;
+    sf_gan) train world_sf_gan configs/world/self_forcing_gan.yaml $(from_init world_ode_init) || exit 1 ;;
+    finetune_b)
+      train world_finetune_b configs/world/pose_finetune.yaml "roles.generator.weights=$(export_of world_ode_init)" \
+        || exit 1 ;;
+    dmd_b) train world_dmd_b configs/world/dmd.yaml $(from_init world_finetune_b) || exit 1 ;;
+    sid_b) train world_sid_b configs/world/sid.yaml $(from_init world_finetune_b) || exit 1 ;;
+    eval)
+      args=()
+      for run in world_ode_init world_dmd_a world_sid_a world_finetune_b world_dmd_b world_sid_b world_sf world_sf_gan; do
+        w=$(export_of $run); [ -n "$w" ] && args+=(--student "${run#world_}=$w")
+      done
+      timeout "$(left)" python3 scripts/evaluate_world.py --weights "$teacher" --clips "${EVAL_CLIPS:-32}" \
+        --rows ceiling,cfg50,steps4 "${args[@]}" ${ABLATE:+--ablate "$ABLATE"} --out "$out/eval" ${WORLD_OVERRIDES:-} \
+        >"$out/eval.log" 2>&1
+      rc=$?; tail -16 "$out/eval.log"; [ $rc -ne 0 ] && exit 1 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
