@@ -68,7 +68,8 @@ PY
 from_init() {  # key=vals that start generator and critic (and discriminator) of a step from a run's export
   local init; init=$(export_of "$1")
   [ -z "$init" ] && { echo "no export of $1 (run it first, or set WARM)" >&2; return 1; }
-  echo "roles.generator.weights=$init roles.critic.weights=$init roles.discriminator.weights=$init"
+  echo "roles.teacher.weights=$teacher roles.generator.weights=$init roles.critic.weights=$init" \
+    "roles.discriminator.weights=$init"
 }
 
 EXTRA=("$@")
@@ -116,3 +117,4 @@ for step in "${steps[@]}"; do
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
+exit 0
