@@ -153,7 +153,8 @@ def test_world_distillation_chain_runs_from_the_world_configs(tmp_path, world_te
     assert make_toy_dataset.main(argv) == 0
     pairs = tmp_path / "pairs"
     argv = ["--preset", "world_teacher", "--weights", str(world_teacher_file), "--source", str(data),
-            "--out", str(pairs), "--num-steps", "8", "--dtype", "fp32", "--batch-size", "2", "--limit", "2"]  # fmt: skip
+            "--out", str(pairs), "--num-steps", "8", "--dtype", "fp32", "--batch-size", "2",
+            "--limit", "2"]  # fmt: skip
     assert generate_ode_pairs.main(argv) == 0
     assert len(list(pairs.glob("*.safetensors"))) == 2
     common = ["train.iterations=2", "train.batch_size=2", "train.dtype=fp32", "eval.every=0",

@@ -4,6 +4,7 @@ weights, trainable or frozen, and FSDP2 sharding per block when distributed."""
 from __future__ import annotations
 
 import logging
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 
 from utils.config import DTYPES, ConfigError
 from utils.dist import DistInfo
+from utils.lora import lora_scale
 from wan.checkpoint import load_pose_weights, load_weights
 from wan.configs import build_model
 from wan.modules.model import WanModel
@@ -104,11 +106,51 @@ def build_role(name: str, role_cfg: Any, cfg: Any, dist: DistInfo, trainable: bo
     if role_cfg.pose_weights_path is not None and pose_missing:
         load_pose_weights(model, role_cfg.pose_weights_path)
     model.requires_grad_(trainable).train(trainable)
+    if role_cfg.lora.rank:
+        if not trainable:
+            raise ConfigError(
+                f"roles.{name}.lora.rank={role_cfg.lora.rank}: stage {cfg.stage!r} keeps roles.{name} frozen, so it "
+                f"trains no adapter; set roles.{name}.lora.rank=0"
+            )
+        attach_lora(model, role_cfg.lora, name)
     # Every role: frozen ones too, since some objectives (SiD) backpropagate through the teacher and critic.
     model.gradient_checkpointing = bool(cfg.train.gradient_checkpointing)
     if mode == "fsdp":
         shard_fsdp2(model, bf16=cfg.train.dtype == "bf16" and param_dtype == torch.float32)
     return model
+
+
+def attach_lora(model: WanModel, lora_cfg: Any, name: str) -> None:
+    """LoRA adapters (peft) on the modules named by lora.targets; every base weight frozen except the parameters
+    lora.full names (fnmatch). The adapters start at zero (B = 0), so the network starts as its base;
+    `model.lora_scale` (alpha / rank) and `model.lora_full` (the fully trained names) are what export needs."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    rank = int(lora_cfg.rank)
+    if rank < 0:
+        raise ConfigError(f"roles.{name}.lora.rank={rank}: expected 0 (off) or a positive rank")
+    alpha = float(lora_cfg.alpha) if lora_cfg.alpha is not None else float(rank)
+    full = [str(p) for p in lora_cfg.full]
+    try:
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(lora_cfg.targets),
+                                           lora_dropout=float(lora_cfg.dropout), bias="none"), model)  # fmt: skip
+    except ValueError as err:  # peft: "Target modules ... not found in the base model"
+        raise ConfigError(
+            f"roles.{name}.lora.targets={list(lora_cfg.targets)} match no module of the network ({err}); targets are "
+            "module-name suffixes such as q, k, v, o, ffn.0, ffn.2"
+        ) from err
+    names = [n for n, _ in model.named_parameters()]
+    unmatched = [pat for pat in full if not any(fnmatch(n, pat) for n in names)]
+    if unmatched:
+        raise ConfigError(f"roles.{name}.lora.full={unmatched} match no parameter (e.g. dwpose_embedding.*)")
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n or any(fnmatch(n, pat) for pat in full))
+    model.lora_scale = lora_scale(rank, alpha)
+    model.lora_alpha = alpha
+    model.lora_full = [n for n in names if any(fnmatch(n, pat) for pat in full)]
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    log.info("roles.%s: LoRA rank %d (alpha %g) on %s: %.2fM adapter parameters, %d fully trained tensors", name,
+             rank, alpha, list(lora_cfg.targets), adapters / 1e6, len(model.lora_full))  # fmt: skip
 
 
 def make_optimizer(model: nn.Module, role_cfg: Any) -> torch.optim.AdamW:

@@ -30,6 +30,7 @@ from trainer.objective import Objective, TrainContext
 from trainer.roles import build_role, make_optimizer, parallel_mode
 from utils.config import DTYPES, ConfigError, save_config, validate_config
 from utils.dist import all_reduce_mean, average_gradients, barrier, init_distributed, init_single_process_group
+from utils.lora import adapter_file_state, merged_peft_state
 from utils.safetensors_io import atomic_save_safetensors
 from wan.configs import model_config
 from wan.modules.model import WanModel
@@ -293,7 +294,8 @@ class Trainer:
 
     def export(self) -> None:
         """<run>/export/<role>.safetensors and <role>_ema.safetensors: canonical keys, network config in the
-        metadata (wan.checkpoint.load_model rebuilds them)."""
+        metadata (wan.checkpoint.load_model rebuilds them). A LoRA role exports its merged network under those
+        names and the adapter (+ the fully trained tensors) as <role>[_ema]_lora.safetensors for merge_lora.py."""
         for name in self.trainable:
             model = self.roles[name]
             if isinstance(model, WanModel):  # rebuildable with wan.checkpoint.load_model
@@ -305,9 +307,14 @@ class Trainer:
             if name in self.emas:
                 shadows = {k: _full_tensor(v).detach().cpu() for k, v in self.emas[name].state_dict().items()}
             if self.dist.is_main:
-                atomic_save_safetensors(tensors, self.run_dir / "export" / f"{name}.safetensors", metadata)
-                if shadows:
-                    atomic_save_safetensors(
-                        {**tensors, **shadows}, self.run_dir / "export" / f"{name}_ema.safetensors", metadata
-                    )
+                for suffix, state in (("", tensors), ("_ema", {**tensors, **shadows} if shadows else None)):
+                    if state is None:
+                        continue
+                    folder = self.run_dir / "export"
+                    if hasattr(model, "lora_scale"):  # LoRA: the merged network, and the adapter file beside it
+                        adapter = adapter_file_state(state, model.lora_alpha, model.lora_full)
+                        atomic_save_safetensors(adapter, folder / f"{name}{suffix}_lora.safetensors",
+                                                {"format": "poseforcing-lora", "stage": self.cfg.stage})  # fmt: skip
+                        state = merged_peft_state(state, model.lora_scale)
+                    atomic_save_safetensors(state, folder / f"{name}{suffix}.safetensors", metadata)
         barrier()

@@ -317,3 +317,47 @@ def _plan_module(
         alpha, source = float(rank), "rank"
     scale = lora_scale(rank, alpha, strength, rslora)
     plan.targets[target] = LoraTarget(target, "lora", (down_key, up_key), shape, scale, rank, alpha, source)
+
+
+# ----------------------------------------------------------------------------- adapters trained here (peft)
+
+_PEFT_PART = re.compile(r"^(?P<module>.+)\.(?:base_layer\.(?P<base>weight|bias)|lora_(?P<ab>[AB])\.[^.]+\.weight)$")
+
+
+def merged_peft_state(state: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A peft-wrapped network's state dict (modules with `base_layer` + `lora_A/lora_B.<adapter>`) as the plain
+    network's: W + scale·B@A under the module's own key, base biases unwrapped, every other tensor unchanged.
+    Merged in float32, returned in the base weight's dtype."""
+    out: dict[str, torch.Tensor] = {}
+    adapters: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        match = _PEFT_PART.match(key)
+        if match is None:
+            out[key] = value
+        elif match["base"]:
+            out[f"{match['module']}.{match['base']}"] = value
+        else:
+            adapters.setdefault(match["module"], {})[match["ab"]] = value
+    for module, parts in adapters.items():
+        if set(parts) != {"A", "B"} or f"{module}.weight" not in out:
+            raise ValueError(f"peft state of {module!r} is incomplete: has {sorted(parts)} and no base weight")
+        weight = out[f"{module}.weight"]
+        out[f"{module}.weight"] = merge_lora_weight(weight, parts["A"], parts["B"], scale, weight.dtype)
+    return out
+
+
+def adapter_file_state(
+    state: Mapping[str, torch.Tensor], alpha: float, full: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
+    """The adapter of a peft-wrapped state dict as a LoRA file scripts/merge_lora.py reads: `<module>.lora_A.weight`
+    [r, in], `<module>.lora_B.weight` [out, r] and `<module>.alpha` per module (canonical module names), plus the
+    tensors named in `full` (fully trained beside the adapter, e.g. the pose encoders; copied by the merge)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = _PEFT_PART.match(key)
+        if match is not None and match["ab"]:
+            out[f"{match['module']}.lora_{match['ab']}.weight"] = value
+            out[f"{match['module']}.alpha"] = torch.tensor(float(alpha))
+        elif match is None and key in full:
+            out[key] = value
+    return out
