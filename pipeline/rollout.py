@@ -42,21 +42,50 @@ def cfg_flow(
     guidance: float,
     caches: tuple[KVCache, KVCache | None] | None = None,
     start: int = 0,
+    batched: bool = True,
 ) -> torch.Tensor:
     """The network's flow at (x, t) in fp32, guided (guided_flow) unless guidance is 1, when only the
     conditional branch runs. caches: (cond, uncond) KV caches of a causal model's cached call at frame `start`,
-    one per branch; each branch (over)writes these frames' K/V in its own."""
+    one per branch; each branch (over)writes these frames' K/V in its own. Without caches both branches run as
+    one forward of batch 2B (`batched`; stack_branches), which equals two forwards up to float rounding."""
 
     def branch(c: Conditions, cache: KVCache | None) -> torch.Tensor:
         cached = {} if cache is None else {"kv_cache": cache, "current_start_frame": start}
         return model(x, t, **c, **cached)
 
+    if guidance != 1.0 and uncond is None:
+        raise ValueError(f"guidance={guidance} needs the unconditional branch (e.g. a batch with neg_context)")
+    if guidance != 1.0 and batched and caches is None:
+        both = model(torch.cat([x, x]), torch.cat([t, t]), **stack_branches(cond, uncond))
+        flow, uncond_flow = both.chunk(2)
+        return guided_flow(flow, uncond_flow, guidance)
     flow = branch(cond, None if caches is None else caches[0])
     if guidance == 1.0:
         return flow.float()
-    if uncond is None:
-        raise ValueError(f"guidance={guidance} needs the unconditional branch (e.g. a batch with neg_context)")
     return guided_flow(flow, branch(uncond, None if caches is None else caches[1]), guidance)
+
+
+def stack_branches(cond: Conditions, uncond: Conditions) -> Conditions:
+    """CFG's two branches as one batch [cond; uncond] along dim 0. The unconditional branch has no pose tokens:
+    zeros there (added after patch embedding, adding zero changes nothing); prompts of different lengths are
+    zero-padded to the longer one, as the network pads every prompt to text_len."""
+
+    def pair(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        if a is None and b is None:
+            return None
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        if a.dim() == 3 and a.shape[1] != b.shape[1]:  # [B, L, C] token sequences of different lengths
+            length = max(a.shape[1], b.shape[1])
+            a, b = (torch.nn.functional.pad(v, (0, 0, 0, length - v.shape[1])) for v in (a, b))
+        return torch.cat([a, b])
+
+    return Conditions(
+        context=pair(cond.context, uncond.context),
+        clip_fea=pair(cond.clip_fea, uncond.clip_fea),
+        y=pair(cond.y, uncond.y),
+        pose_tokens=pair(cond.pose_tokens, uncond.pose_tokens),
+    )
 
 
 def check_exit(steps: Sequence[float], exit_index: int) -> None:

@@ -102,6 +102,23 @@ def test_cfg_flow_is_u_plus_w_c_minus_u():
         assert torch.equal(cfg_flow(teacher, x, t, cond, None, 1.0), c)
 
 
+@pytest.mark.parametrize("per_frame_t", [False, True])
+def test_batched_cfg_equals_two_forwards(per_frame_t):
+    """Both CFG branches as one batch-2B forward (zero pose tokens for the unconditional half, prompts of other
+    lengths padded) equal the two separate forwards up to float32 rounding of other batch shapes."""
+    teacher = randomize(build_model("tiny_teacher"), seed=1)
+    batch = {k: torch.cat([v, v.flip(0) if v.is_floating_point() else v]) for k, v in _batch().items()}
+    batch["neg_context"] = batch["neg_context"][:, :3]  # a shorter negative prompt
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, FRAMES, HEIGHT, WIDTH, generator=g)
+    t = torch.rand(2, FRAMES, generator=g) * 1000 if per_frame_t else torch.tensor([700.0, 300.0])
+    with torch.no_grad():
+        cond, uncond = cfg_conditions(teacher, batch, 2.5)
+        two = cfg_flow(teacher, x, t, cond, uncond, 2.5, batched=False)
+        one = cfg_flow(teacher, x, t, cond, uncond, 2.5)
+    assert rel_err(one, two) < 1e-5
+
+
 def test_teacher_trajectory_shapes():
     teacher = randomize(build_model("tiny_teacher"), seed=1)
     noise = torch.randn(1, 16, FRAMES, HEIGHT, WIDTH)

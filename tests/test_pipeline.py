@@ -188,21 +188,28 @@ def test_teacher_cfg_with_pose_only_in_the_conditional_branch(vae):
                                guidance_scale=2.0, negative_prompt=PROMPT)  # fmt: skip
     clip = pipe.prepare(ref, pose, PROMPT, ref_pose=ref_pose)
     shape = (1, 16, 3, 4, 6)
-    calls, handle = record_pose_calls(teacher)
+    poses = []
+    handle = teacher.register_forward_pre_hook(
+        lambda module, args, kwargs: poses.append(args[5] if len(args) > 5 else kwargs.get("add_condition")),
+        with_kwargs=True,
+    )
     try:
         guided = sample_latents(teacher, clip.cond, shape, 3, 5.0, 2.0, clip.uncond, torch.Generator().manual_seed(0))
     finally:
         handle.remove()
-    assert [has_pose for _, has_pose in calls] == [True, False] * 3  # conditional (pose), unconditional (none)
+    # one forward per step with both branches as a batch [conditional (pose); unconditional (none: zero tokens)]
+    assert len(poses) == 3 and all(p is not None and p.shape[0] == 2 for p in poses)
+    assert all(p[0].abs().sum() > 0 and not p[1].any() for p in poses)
     assert torch.equal(
         guided, sample_latents(teacher, clip.cond, shape, 3, 5.0, 2.0, clip.uncond, torch.Generator().manual_seed(0))
     )
     # Guidance of a conditional branch without pose (same prompt) is the unguided unconditional sample.
+    # (The guided call runs both branches as one batch of 2: float32 rounding of another shape, hence a tolerance.)
     no_pose = Conditions(clip.cond.context, clip.cond.clip_fea, clip.cond.y)
-    assert torch.equal(
+    assert rel_err(
         sample_latents(teacher, no_pose, shape, 3, 5.0, 2.0, clip.uncond, torch.Generator().manual_seed(0)),
         sample_latents(teacher, clip.uncond, shape, 3, 5.0, 1.0, None, torch.Generator().manual_seed(0)),
-    )
+    ) < 1e-5
     assert rel_err(guided, sample_latents(teacher, clip.cond, shape, 3, 5.0, 1.0, None,
                                           torch.Generator().manual_seed(0))) > 1e-3  # fmt: skip
     # The same sample from a plain loop over diffusers' UniPC on the official grid (the reference for the shared
