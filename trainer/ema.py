@@ -3,6 +3,9 @@ tensors are clones of the parameters, DTensors under FSDP2)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 
@@ -24,3 +27,23 @@ class EMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Inside the block the model's tracked parameters hold the EMA weights (e.g. a consistency target's
+        no-grad forward); its own weights are restored on exit. The values are copied in place, so the swap works
+        on FSDP2-sharded parameters too; run the block before any forward whose graph the backward still needs
+        (in-place writes to its weights would invalidate that graph)."""
+        own = {}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in self.shadow:
+                    own[name] = p.detach().clone()
+                    p.copy_(self.shadow[name])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in own:
+                        p.copy_(own[name])
