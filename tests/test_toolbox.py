@@ -156,6 +156,21 @@ def test_a_guided_network_samples_with_one_forward_per_step():
     assert all(torch.equal(c["guidance"], torch.tensor([2.0])) for c in calls)
 
 
+def test_a_cfg_distilled_teacher_is_a_one_forward_real_score():
+    """DMD's real score with a CFG-distilled teacher (roles.teacher.guidance_embed=true): one teacher forward, w as
+    its input, instead of the two branches of CFG."""
+    objective = make("dmd", {"guidance": 1.5})
+    objective.roles["teacher"] = randomize(build_model("tiny_teacher", guidance_embed=True), seed=3)
+    calls = capture_calls(objective.roles["teacher"])
+    batch = tiny_batch(1)
+    x_t, t = batch["latents"], torch.tensor([600.0])
+    real = objective.real_x0(x_t, t, batch)
+    assert len(calls) == 1 and torch.equal(calls[0]["guidance"], torch.tensor([1.5]))
+    teacher = objective.roles["teacher"]
+    flow = forward64(teacher, x_t, t, conditions(teacher, batch), guidance=torch.tensor([1.5]))
+    assert torch.allclose(real.double(), x_t.double() - sigma_of(t) * flow, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("solver", ["euler", "few_step"])
 def test_distilled_schedules_sample_as_written(solver):
     """solver euler: x' = x + (sigma' - sigma) flow on the shifted grid; few_step: x0 = x - sigma flow, then
