@@ -62,6 +62,7 @@ def causal_regression(
 
 
 def check_ode_batch(batch: dict[str, torch.Tensor], stage: str) -> None:
+    """The batch holds ODE pairs with at least one noisy state and the clean end; else an error naming the fix."""
     if "ode_latents" not in batch or "ode_t" not in batch:
         raise ValueError(f"{stage} needs ode_latents and ode_t in the batch (data.type=ode_pairs)")
     s = batch["ode_latents"].shape[1]

@@ -76,9 +76,7 @@ def cfg_flow(
         return model(x, t, **c, **cached, **guidance_input(model, guidance, x.shape[0], x.device))
 
     flow = branch(cond, None if caches is None else caches[0])
-    if is_guided(model):
-        return flow.float()
-    if guidance == 1.0:
+    if guidance == 1.0 or is_guided(model):
         return flow.float()
     if uncond is None:
         raise ValueError(f"guidance={guidance} needs the unconditional branch (e.g. a batch with neg_context)")

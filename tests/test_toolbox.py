@@ -31,6 +31,7 @@ from trainer.objective import TrainContext, objective_defaults
 from trainer.trainer import Trainer
 from utils.config import load_config
 from utils.errors import CheckpointKeyError
+from utils.scheduler import euler_flow, euler_step, solver_grid
 from wan.checkpoint import load_model, load_weights, save_weights
 from wan.configs import build_model
 
@@ -154,6 +155,18 @@ def test_a_guided_network_samples_with_one_forward_per_step():
                                  generator=torch.Generator().manual_seed(0)))  # fmt: skip
     assert len(blocks) == 2 and len(calls) == 2 * 2 + 1  # 2 steps per block + 1 context pass, no uncond branch
     assert all(torch.equal(c["guidance"], torch.tensor([2.0])) for c in calls)
+
+
+def test_the_half_schedule_is_every_other_point_of_the_teachers():
+    for n in (8, 25, 50):
+        assert torch.allclose(solver_grid(n, 5.0), official_grid(n, 5.0), rtol=1e-12, atol=1e-9)
+        assert torch.equal(solver_grid(2 * n, 5.0)[::2], solver_grid(n, 5.0))
+    g = torch.Generator().manual_seed(0)
+    x, flow = torch.randn(2, 3, 2, 2, 2, generator=g, dtype=torch.float64), torch.randn(2, 3, 2, 2, 2, generator=g)
+    t, t_next = torch.tensor([900.0, 400.0]), torch.tensor([700.0, 0.0])
+    stepped = euler_step(x, flow, t, t_next)
+    assert torch.allclose(stepped, x + (sigma_of(t_next) - sigma_of(t)) * flow.double())
+    assert torch.allclose(euler_flow(x, stepped, t, t_next), flow.double())
 
 
 def test_a_cfg_distilled_teacher_is_a_one_forward_real_score():
