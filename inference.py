@@ -44,7 +44,7 @@ from pipeline.causal_diffusion_inference import (
     StreamingPosePipeline,
     check_clip_inputs,
 )
-from pipeline.rollout import DEFAULT_STEPS
+from pipeline.rollout import DEFAULT_STEPS, SAMPLERS
 from utils.config import DTYPES
 from utils.file_lock import LockHeldError, check_output_path, exit_on_sigterm, output_lock, process_alive
 from utils.pose import DWPoseDetector, DWPoseUnavailable, PoseSequence, align_pose, draw_pose_frames, load_keypoints
@@ -97,8 +97,10 @@ class InferenceConfig:
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     guidance_scale: float = 1.0  # CFG w (pred = u + w (c - u)); 1 = off
     denoising_steps: list[float] = field(default_factory=lambda: list(DEFAULT_STEPS))  # causal student
-    num_steps: int = 50  # teacher: UniPC steps
+    num_steps: int = 50  # teacher: solver steps
     shift: float = 5.0  # teacher: timestep shift of the UniPC grid
+    solver: str = "unipc"  # teacher: unipc, euler (half-step distilled schedule), few_step (consistency distilled)
+    guidance_embed: bool = False  # CFG-distilled weights (stage cfg_distill): w is an input, one forward per step
     num_frames: int | None = None  # video frames, 1 + 4k; null: the longest 1 + 4k prefix of the pose clip
     fps: float = 16.0
     synthetic: SyntheticClip = field(default_factory=SyntheticClip)
@@ -378,6 +380,8 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 
 def build_network(cfg: InferenceConfig, device: torch.device, dtype: torch.dtype) -> WanModel:
     overrides = {k: getattr(cfg, k) for k in ("local_attn_size", "sink_size") if getattr(cfg, k) is not None}
+    if cfg.guidance_embed:
+        overrides["guidance_embed"] = True
     return build_model(cfg.preset, device=device, dtype=dtype, **overrides)
 
 
@@ -472,7 +476,7 @@ def make_pipeline(cfg: InferenceConfig, model: WanModel, vae, text_encoder, imag
         return StreamingPosePipeline(model, vae, text_encoder, image_encoder, cfg.denoising_steps,
                                      cfg.guidance_scale, cfg.negative_prompt)  # fmt: skip
     return TeacherPosePipeline(model, vae, text_encoder, image_encoder, cfg.num_steps, cfg.shift,
-                               cfg.guidance_scale, cfg.negative_prompt, progress=True)  # fmt: skip
+                               cfg.guidance_scale, cfg.negative_prompt, progress=True, solver=cfg.solver)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,6 +492,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if cfg.preset not in PRESETS:
         raise InputError(f"preset {cfg.preset!r} (--preset or the config) is unknown; presets: {sorted(PRESETS)}")
+    if cfg.solver not in SAMPLERS:
+        raise InputError(f"solver={cfg.solver!r} (the config) is unknown; teacher samplers: {list(SAMPLERS)}")
     paths = resolve_paths(cfg, args)
     if cfg.random_weights and "weights" in paths:
         raise InputError("random_weights is set (the demo config): drop --weights, or pick a config for real weights")

@@ -1,8 +1,8 @@
-"""The sampling core that training and inference share: classifier-free guidance (`guided_flow`, `cfg_flow`),
-the few-step denoiser (`denoise`), and `block_rollout`, the one loop that makes a clip block by block through
-a causal model's KV cache. Streaming inference (`stream_latents`), the Self-Forcing rollout, causal ODE
-trajectories and teacher forcing are per-block policies of it; `sample_latents` is the teacher's whole-clip
-sampler."""
+"""The sampling core that training and inference share: classifier-free guidance (`guided_flow`, `cfg_flow`; a
+CFG-distilled model takes w as an input and guides in one forward), the few-step denoiser (`denoise`), and
+`block_rollout`, the one loop that makes a clip block by block through a causal model's KV cache. Streaming
+inference (`stream_latents`), the Self-Forcing rollout, causal ODE trajectories and teacher forcing are per-block
+policies of it; `sample_latents` is the teacher's whole-clip sampler (UniPC, Euler, or few-step)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.conditions import Conditions
-from utils.scheduler import add_noise, flow_to_x0, solve_flow_ode, warp_timesteps
+from utils.scheduler import SOLVERS, add_noise, flow_to_x0, solve_flow_ode, unipc_grid, warp_timesteps
 from wan.modules.causal_model import CausalWanModel, KVCache
 from wan.modules.model import WanModel
 
@@ -25,12 +25,35 @@ TEACHER_GUIDANCE = 1.5
 
 NoiseFn = Callable[..., torch.Tensor]  # noise(*shape) -> standard normal float32 of that shape
 FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # flow(x [B, C, F, H, W], t [B, F]) -> fp32 flow
+# The teacher's whole-clip samplers: the ODE solvers, and `few_step` (denoise on the same grid: x0, then re-noise),
+# how a consistency-distilled network samples.
+SAMPLERS = (*SOLVERS, "few_step")
 
 
-def guided_flow(cond_flow: torch.Tensor, uncond_flow: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance, the convention everywhere in the repo: u + w (c - u), in fp32."""
+def guided_flow(cond_flow: torch.Tensor, uncond_flow: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance, the convention everywhere in the repo: u + w (c - u), in fp32.
+
+    scale: one w, or one per sample [B] (flows [B, C, F, H, W])."""
     uncond_flow = uncond_flow.float()
+    if isinstance(scale, torch.Tensor):
+        scale = scale.float().view(-1, *([1] * (uncond_flow.dim() - 1)))  # [B] -> [B, 1, 1, 1, 1]
     return uncond_flow + scale * (cond_flow.float() - uncond_flow)
+
+
+def is_guided(model: torch.nn.Module) -> bool:
+    """A CFG-distilled network (guidance_embed): w is an input and one forward gives the guided flow."""
+    return bool(getattr(model, "guidance_embed", False))
+
+
+def guidance_input(
+    model: torch.nn.Module, scale: float | torch.Tensor, batch: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """{"guidance": w [B]} for a CFG-distilled network's forward, {} for any other (it takes no w)."""
+    if not is_guided(model):
+        return {}
+    if isinstance(scale, torch.Tensor):
+        return {"guidance": scale.to(device=device, dtype=torch.float32)}
+    return {"guidance": torch.full((batch,), float(scale), device=device)}
 
 
 def cfg_flow(
@@ -45,23 +68,24 @@ def cfg_flow(
     batched: bool = True,
 ) -> torch.Tensor:
     """The network's flow at (x, t) in fp32, guided (guided_flow) unless guidance is 1, when only the
-    conditional branch runs. caches: (cond, uncond) KV caches of a causal model's cached call at frame `start`,
-    one per branch; each branch (over)writes these frames' K/V in its own. Without caches both branches run as
-    one forward of batch 2B (`batched`; stack_branches), which equals two forwards up to float rounding."""
+    conditional branch runs. A CFG-distilled network (is_guided) runs the conditional branch alone with w as its
+    input, at every w (1 included), and needs no uncond. caches: (cond, uncond) KV caches of a causal model's
+    cached call at frame `start`, one per branch; each branch (over)writes these frames' K/V in its own. Without
+    caches both branches run as one forward of batch 2B (`batched`; stack_branches), which equals two forwards up
+    to float rounding."""
 
     def branch(c: Conditions, cache: KVCache | None) -> torch.Tensor:
         cached = {} if cache is None else {"kv_cache": cache, "current_start_frame": start}
-        return model(x, t, **c, **cached)
+        return model(x, t, **c, **cached, **guidance_input(model, guidance, x.shape[0], x.device))
 
-    if guidance != 1.0 and uncond is None:
+    if guidance == 1.0 or is_guided(model):
+        return branch(cond, None if caches is None else caches[0]).float()
+    if uncond is None:
         raise ValueError(f"guidance={guidance} needs the unconditional branch (e.g. a batch with neg_context)")
-    if guidance != 1.0 and batched and caches is None:
-        both = model(torch.cat([x, x]), torch.cat([t, t]), **stack_branches(cond, uncond))
-        flow, uncond_flow = both.chunk(2)
+    if batched and caches is None:
+        flow, uncond_flow = model(torch.cat([x, x]), torch.cat([t, t]), **stack_branches(cond, uncond)).chunk(2)
         return guided_flow(flow, uncond_flow, guidance)
     flow = branch(cond, None if caches is None else caches[0])
-    if guidance == 1.0:
-        return flow.float()
     return guided_flow(flow, branch(uncond, None if caches is None else caches[1]), guidance)
 
 
@@ -165,15 +189,17 @@ def block_rollout(
     for the blocks after it (none after the last). With guidance != 1 every flow is guided and the
     unconditional branch keeps a cache of its own. Under autograd the cache is read detached (CausalWanModel),
     so no gradient crosses blocks through it. With a local attention window any num_frames streams through a
-    fixed-size cache.
+    fixed-size cache. A CFG-distilled model keeps one branch and gets w in every pass, the context pass too.
     """
-    if guidance != 1.0 and uncond is None:
+    two_branches = guidance != 1.0 and not is_guided(model)
+    if two_branches and uncond is None:
         raise ValueError(f"guidance={guidance} needs the unconditional branch (uncond)")
     batch, device = cond.context.shape[0], cond.context.device
     height, width = latent_size
     n = model.num_frame_per_block
     tokens_per_frame = (height // model.patch_size[1]) * (width // model.patch_size[2])
-    branches = [cond] if guidance == 1.0 else [cond, uncond]
+    branches = [cond, uncond] if two_branches else [cond]
+    w = guidance_input(model, guidance, batch, device)
     caches = [model.new_kv_cache(batch, num_frames, cache_dtype, device, latent_size=latent_size) for _ in branches]
     pair = (caches[0], caches[1] if len(caches) > 1 else None)
     for start in range(0, num_frames, n):
@@ -189,7 +215,7 @@ def block_rollout(
             with torch.no_grad():
                 t_ctx = torch.full((batch, frames), float(context_t), device=device)
                 for branch, cache in zip(block_branches, caches, strict=True):
-                    model(clean, t_ctx, **branch, kv_cache=cache, current_start_frame=start)
+                    model(clean, t_ctx, **branch, kv_cache=cache, current_start_frame=start, **w)
         yield start, out
 
 
@@ -234,14 +260,26 @@ def sample_latents(
     uncond: Conditions | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    solver: str = "unipc",
 ) -> torch.Tensor:
     """The teacher's sampler: clean latents [B, 16, F, H, W] of shape `latent_shape` from noise, the whole clip
-    at once, `num_steps` UniPC steps on the official grid, each step's flow from cfg_flow (pose tokens only in
+    at once, `num_steps` steps on the official grid, each step's flow from cfg_flow (pose tokens only in
     the conditional branch when uncond comes from Conditions.unconditional). Deterministic for a seeded
-    generator."""
+    generator.
+
+    solver: unipc (the official sampler), euler (the schedule step distillation's half mode distils), few_step
+    (denoise on the grid's timesteps: how a consistency-distilled network samples)."""
+    if solver not in SAMPLERS:
+        raise ValueError(f"solver={solver!r}: expected one of {SAMPLERS}")
+    device = cond.context.device
 
     def flow_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return cfg_flow(model, x, t, cond, uncond, guidance_scale)
 
-    x = torch.randn(latent_shape, generator=generator, device=cond.context.device, dtype=torch.float32)
-    return solve_flow_ode(flow_fn, x, num_steps, shift, "unipc", progress=progress, desc="teacher steps")[1]
+    def noise(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+    if solver == "few_step":
+        return denoise(flow_fn, latent_shape, unipc_grid(num_steps, shift)[1].tolist(), noise)
+    x = noise(*latent_shape)
+    return solve_flow_ode(flow_fn, x, num_steps, shift, solver, progress=progress, desc="teacher steps")[1]

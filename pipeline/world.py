@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.conditions import cfg_conditions, conditions, image_condition, latent_shape
-from pipeline.rollout import DEFAULT_STEPS, sample_latents, stream_latents
+from pipeline.rollout import DEFAULT_STEPS, is_guided, sample_latents, stream_latents
 from utils.data import to_contract
 from utils.metrics import evaluate_clip, keypoint_metrics, psnr, ssim
 from utils.synthetic_pose import SyntheticSample, detect_markers, generate_sample, load_world_config
@@ -130,19 +130,20 @@ def held_out_clips(enc: ClipEncoders, seeds: Sequence[int], world_config: Path =
 
 @dataclass(frozen=True)
 class Sampler:
-    """How a network samples a clip: the teacher's UniPC + CFG over the whole clip (bidirectional models), or
-    the student's few-step block stream (causal models, `steps`)."""
+    """How a network samples a clip: the teacher's solver (UniPC, Euler or few-step) + CFG over the whole clip
+    (bidirectional models), or the student's few-step block stream (causal models, `steps`)."""
 
     num_steps: int = 50
     guidance: float = 1.5
     shift: float = 5.0
     steps: tuple[float, ...] = tuple(DEFAULT_STEPS)
+    solver: str = "unipc"
 
     def nfe(self, model: nn.Module) -> int:
-        """Network evaluations per latent frame, as papers count them (CFG counts twice): the teacher's steps over
-        the whole clip; the student's steps per block (each forward sees one block; the clean-context pass that
-        writes the cache is not counted)."""
-        cfg = 2 if self.guidance != 1.0 else 1
+        """Network evaluations per latent frame, as papers count them (CFG counts twice, once for a CFG-distilled
+        model): the teacher's steps over the whole clip; the student's steps per block (each forward sees one
+        block; the clean-context pass that writes the cache is not counted)."""
+        cfg = 2 if self.guidance != 1.0 and not is_guided(model) else 1
         return (len(self.steps) if isinstance(model, CausalWanModel) else self.num_steps) * cfg
 
 
@@ -164,7 +165,8 @@ def sample_clip(model: nn.Module, batch: dict[str, torch.Tensor], sampler: Sampl
         blocks = stream_latents(model, cond, shape[2], shape[3:], sampler.steps, generator=generator, uncond=uncond,
                                 guidance_scale=sampler.guidance)  # fmt: skip
         return torch.cat([b for _, b in blocks], dim=2)
-    return sample_latents(model, cond, shape, sampler.num_steps, sampler.shift, sampler.guidance, uncond, generator)
+    return sample_latents(model, cond, shape, sampler.num_steps, sampler.shift, sampler.guidance, uncond, generator,
+                          solver=sampler.solver)  # fmt: skip
 
 
 def to_frames(video: torch.Tensor) -> np.ndarray:

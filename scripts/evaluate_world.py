@@ -5,7 +5,10 @@ docs/results/world_teacher.md and world_distillation.md. Every row samples the s
         --out docs/results/world_teacher --clips 32 --rows ceiling,cfg50,nocfg50,steps4,no_pose,wrong_ref
 
 Rows: ceiling (ground-truth latents through the toy VAE), cfg50 (50 UniPC steps, CFG 1.5: 100 NFE), nocfg50
-(50 steps, no CFG), steps4 (4 UniPC steps with CFG: the naive few-step baseline), no_pose (cfg50 with pose tokens
+(50 steps, no CFG), steps4 (4 UniPC steps with CFG: the naive few-step baseline), euler50 (50 Euler steps with CFG:
+the schedule step distillation's half mode starts from), half25 (25 Euler steps, no CFG: a half-step distilled
+teacher that learnt the guided flow; half25_cfg with CFG), few4 (4 few-step denoising steps: consistency distilled;
+a CFG-distilled network guides every row in one forward, its NFE counted once), no_pose (cfg50 with pose tokens
 and ref-pose map zeroed), wrong_ref (cfg50 with another clip's reference image, its latent and its pose), student
 (a causal network's few-step stream). Metrics (utils/metrics.py) are computed on the decoded uint8 frames; the
 exact marker detector reads the pose (tolerance 40). Writes OUT/metrics.json (per clip, per row, with the
@@ -58,6 +61,11 @@ ROWS = {  # row -> (sampler, use_pose, wrong reference)
     "cfg50": (Sampler(num_steps=50, guidance=1.5), True, False),
     "nocfg50": (Sampler(num_steps=50, guidance=1.0), True, False),
     "steps4": (Sampler(num_steps=4, guidance=1.5), True, False),
+    # the distilled teachers' schedules (docs/results/world_distillation_toolbox_plan.md)
+    "euler50": (Sampler(num_steps=50, guidance=1.5, solver="euler"), True, False),
+    "half25": (Sampler(num_steps=25, guidance=1.0, solver="euler"), True, False),
+    "half25_cfg": (Sampler(num_steps=25, guidance=1.5, solver="euler"), True, False),
+    "few4": (Sampler(num_steps=4, guidance=1.0, solver="few_step"), True, False),
     "no_pose": (Sampler(num_steps=50, guidance=1.5), False, False),
     "wrong_ref": (Sampler(num_steps=50, guidance=1.5), True, True),
     "student": (Sampler(guidance=1.0), True, False),

@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize
 from safetensors import safe_open
 
 from model import objective_registry
 from trainer.objective import objective_defaults
 from trainer.trainer import Trainer
 from utils.config import load_config
+from wan.checkpoint import save_weights
+from wan.configs import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -34,6 +37,13 @@ CASES = {
                                 "objective.pose_dropout=0", "objective.image_dropout=0", "objective.uncond_dropout=0"]),
     "self_forcing_gan": ("critic", 12, ["roles.critic.lr=6e-3", "roles.critic.betas=[0.9,0.99]",
                                         "objective.gen_every=100"]),
+    "kd": ("generator", 12, ["roles.generator.lr=6e-3", "roles.generator.betas=[0.9,0.99]"]),
+    "causal_kd": ("generator", 12, ["roles.generator.lr=6e-3", "roles.generator.betas=[0.9,0.99]"]),
+    # the teacher's init outputs zero flow (a zero head): these two learn from a random-weight teacher ({teacher})
+    "cfg_distill": ("generator", 12, ["roles.generator.lr=6e-3", "roles.generator.betas=[0.9,0.99]",
+                                      "roles.teacher.weights={teacher}"]),
+    "step_distill": ("generator", 12, ["roles.generator.lr=6e-3", "roles.generator.betas=[0.9,0.99]",
+                                       "objective.teacher_steps=8", "roles.teacher.weights={teacher}"]),
 }  # fmt: skip
 
 
@@ -42,9 +52,18 @@ def test_every_stage_config_is_covered():
     assert set(objective_registry()) == set(CASES)
 
 
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory) -> Path:
+    """A tiny_teacher checkpoint with every weight random (its own init would give zero flow)."""
+    path = tmp_path_factory.mktemp("teacher") / "tiny_teacher.safetensors"
+    save_weights(randomize(build_model("tiny_teacher"), seed=5), path)
+    return path
+
+
 @pytest.mark.parametrize("stage", sorted(CASES))
-def test_stage_runs_and_its_loss_falls(tmp_path, stage):
+def test_stage_runs_and_its_loss_falls(tmp_path, stage, random_teacher):
     role, iterations, extra = CASES[stage]
+    extra = [o.replace("{teacher}", str(random_teacher)) for o in extra]
     registry = objective_registry()
     overrides = [*TINY, f"run.output_dir={tmp_path}", f"train.iterations={iterations}", *extra]
     cfg = load_config(ROOT / "configs" / "stages" / f"{stage}.yaml", overrides, objective_defaults(registry))

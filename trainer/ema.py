@@ -3,6 +3,9 @@ tensors are clones of the parameters, DTensors under FSDP2)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 
@@ -24,3 +27,34 @@ class EMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Inside the block the model's tracked parameters hold the EMA weights (e.g. a consistency target's
+        no-grad forward); its own weights are restored on exit. The values are copied in place into the sharded
+        parameters (an FSDP2 model is resharded first, so a forward inside gathers the EMA weights); run the block
+        before any forward whose graph a backward still needs, since it writes that graph's weights."""
+        _reshard(model)
+        own = {}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in self.shadow:
+                    own[name] = p.detach().clone()
+                    p.copy_(self.shadow[name])
+        try:
+            yield model
+        finally:
+            _reshard(model)  # FSDP2 keeps the root's parameters gathered after a forward
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in own:
+                        p.copy_(own[name])
+
+
+def _reshard(model: nn.Module) -> None:
+    """Register the sharded parameters of every FSDP2 unit of the model (a no-op for a plain model)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -29,7 +29,7 @@ class WorldEvaluator:
         seeds = [int(cfg.first_seed) + i for i in range(int(cfg.clips))]
         self.clips = held_out_clips(self.enc, seeds, num_frames=int(cfg.num_frames))
         self.sampler = Sampler(num_steps=int(cfg.num_steps), guidance=float(cfg.guidance), shift=float(cfg.shift),
-                               steps=tuple(float(s) for s in cfg.steps))  # fmt: skip
+                               steps=tuple(float(s) for s in cfg.steps), solver=str(cfg.solver))  # fmt: skip
         self._preview_failed = False
 
     @torch.no_grad()

@@ -32,11 +32,16 @@ class TrainContext:
     (`shared_randint`: the exit step, anything all ranks must agree on) from a stream
     keyed by (seed, iteration). So a resumed run, or a run on N GPUs with the same global batch, draws exactly
     the numbers a straight single-process run draws.
+
+    emas: the trainer's EMA of each role that has one (roles.<role>.ema_decay), e.g. the EMA target of step
+    distillation's consistency mode (`emas["generator"].swapped_in(model)`); read-only to objectives.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, device: torch.device, dtype: torch.dtype, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 emas: dict[str, Any] | None = None):  # fmt: skip
         self.device, self.dtype, self.seed = device, dtype, seed
         self.rank, self.world_size = rank, world_size
+        self.emas = dict(emas or {})
         self.begin_step(0, [0])
 
     def begin_step(self, iteration: int, sample_ids: list[int]) -> None:

@@ -89,7 +89,8 @@ def build_role(name: str, role_cfg: Any, cfg: Any, dist: DistInfo, trainable: bo
         )
     mode = parallel_mode(cfg, dist)
     param_dtype = role_param_dtype(cfg, trainable)
-    model = build_model(role_cfg.preset, device=dist.device, dtype=param_dtype)
+    guided = {"guidance_embed": True} if role_cfg.guidance_embed else {}  # CFG distillation's w input
+    model = build_model(role_cfg.preset, device=dist.device, dtype=param_dtype, **guided)
     pose_missing = model.pose_dim is not None
     if role_cfg.weights is not None:
         if not Path(role_cfg.weights).exists():

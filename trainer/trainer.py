@@ -122,7 +122,8 @@ class Trainer:
             if cfg.roles[name].ema_decay is not None
         }
         compute_dtype = DTYPES[cfg.train.dtype]
-        self.ctx = TrainContext(self.dist.device, compute_dtype, cfg.seed, self.dist.rank, self.dist.world_size)
+        self.ctx = TrainContext(self.dist.device, compute_dtype, cfg.seed, self.dist.rank, self.dist.world_size,
+                                emas=self.emas)  # fmt: skip
         self.objective = objective_cls(cfg.objective, self.roles, self.ctx)
         generator_preset = cfg.roles.generator.preset if "generator" in cfg.roles else None
         self.data = build_dataset(cfg.data, generator_preset, cfg.seed, self.dist.device)

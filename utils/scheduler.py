@@ -105,6 +105,28 @@ def unipc_grid(num_steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor
     return sigmas, sigmas * NUM_TRAIN_TIMESTEPS
 
 
+def solver_grid(num_steps: int, shift: float) -> torch.Tensor:
+    """The t of every state an N-step solve visits, float64 [N + 1]: unipc_grid's N timesteps, then the clean end 0.
+
+    Every other point of the 2N-step grid is the N-step grid (linspace(0.999, 0, 2N + 1)[::2] equals
+    linspace(0.999, 0, N + 1)): step distillation's half mode relies on it."""
+    return torch.cat([unipc_grid(num_steps, shift)[1], torch.zeros(1, dtype=torch.float64)])
+
+
+def euler_step(x: torch.Tensor, flow: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """One Euler step of the flow ODE, x + (sigma_next - sigma) * flow, in float64; x, flow [B, C, F, H, W], t and
+    t_next [B] or [B, F]. Returns x's dtype."""
+    sigma, sigma_next = _sigma_like(t, x), _sigma_like(t_next, x)
+    return (x.double() + (sigma_next - sigma) * flow.double()).to(x.dtype)
+
+
+def euler_flow(x: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """The flow whose one Euler step from (x, t) lands on x_next at t_next: (x_next - x) / (sigma_next - sigma),
+    the inverse of euler_step (float64 math, x's dtype)."""
+    sigma, sigma_next = _sigma_like(t, x), _sigma_like(t_next, x)
+    return ((x_next.double() - x.double()) / (sigma_next - sigma)).to(x.dtype)
+
+
 def make_unipc_scheduler(
     num_steps: int, shift: float, device: torch.device | str | None = None
 ) -> UniPCMultistepScheduler:

@@ -34,10 +34,15 @@ FRESH_GROUPS: dict[str, tuple[str, ...]] = {
         "blocks.*.cross_attn.norm_k_img.*", "patch_embedding.weight",
     ),
     "pose": ("dwpose_embedding.*", "randomref_embedding_pose.*", "pose_proj.*"),
+    # CFG distillation's guidance embedding (guidance_embed): no official checkpoint has it.
+    "guidance": ("guidance_embedding.*",),
 }  # fmt: skip
+# Groups that may always be absent: optional modules whose fresh state leaves the network exactly its base model.
+ALWAYS_FRESH = ("guidance",)
 # Fresh parameters set to zero so the new path adds nothing at first (the rest keep the model's init,
-# so gradients can flow through them): the student starts as exactly its T2V initialisation.
-ZERO_WHEN_FRESH = ("pose_proj.*", "blocks.*.cross_attn.v_img.*")
+# so gradients can flow through them): the student starts as exactly its T2V initialisation, a guided model as
+# exactly the checkpoint it is loaded from.
+ZERO_WHEN_FRESH = ("pose_proj.*", "blocks.*.cross_attn.v_img.*", "guidance_embedding.2.*")
 _LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.")
 
 # Official <-> diffusers WanTransformer3DModel names: (official, diffusers) for a key or a key prefix.
@@ -165,9 +170,11 @@ def load_weights(
     """Load a checkpoint into `model` strictly.
 
     allow_fresh: group names from FRESH_GROUPS ('i2v', 'pose') or fnmatch patterns of parameters that may be
-    absent; they keep the model's init except ZERO_WHEN_FRESH (zeroed). A patch_embedding with fewer input
-    channels is copied into the first channels and the rest zeroed (T2V -> i2v). ignore_unexpected: patterns
-    of checkpoint keys to skip (e.g. 'dwpose_embedding.*' when the model has no pose encoders).
+    absent; they keep the model's init except ZERO_WHEN_FRESH (zeroed). The guidance embedding of a CFG-distilled
+    model (ALWAYS_FRESH) may always be absent: it then starts at zero, the model as the checkpoint. A
+    patch_embedding with fewer input channels is copied into the first channels and the rest zeroed (T2V -> i2v).
+    ignore_unexpected: patterns of checkpoint keys to skip (e.g. 'dwpose_embedding.*' when the model has no pose
+    encoders).
     """
     sd, fmt = read_state_dict(source, ema)
     lora = [k for k in sd if any(m in k for m in _LORA_MARKERS)]
@@ -176,7 +183,7 @@ def load_weights(
             f"{fmt} holds LoRA tensors ({listed(lora[:3])}): merge them into the base with scripts/merge_lora.py "
             "and load the merged checkpoint; pose encoders alone load through pose_weights_path"
         )
-    fresh_patterns = _expand_fresh(allow_fresh)
+    fresh_patterns = _expand_fresh([*allow_fresh, *ALWAYS_FRESH])
     own = model.state_dict()
     report = LoadReport(source=fmt)
     missing = [k for k in own if k not in sd]
@@ -190,6 +197,10 @@ def load_weights(
             lines.append(f"missing {len(not_allowed)} keys: {listed(not_allowed)}")
         if unexpected:
             lines.append(f"unexpected {len(unexpected)} keys: {listed(unexpected)}")
+        if any(k.startswith("guidance_embedding.") for k in unexpected):
+            lines.append("guidance_embedding.* is a CFG-distilled checkpoint's (stage cfg_distill): build the model "
+                         "with guidance_embed=True (inference: guidance_embed: true; training: "
+                         "roles.<role>.guidance_embed=true)")  # fmt: skip
         lines.append(
             "If the checkpoint is right, the model config is not (compare presets in wan/configs.py); parameters "
             "that should start fresh are named with allow_fresh (groups: " + ", ".join(FRESH_GROUPS) + ")"

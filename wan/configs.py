@@ -133,6 +133,8 @@ def model_config(model: WanModel) -> dict[str, Any]:
     )  # fmt: skip
     cfg: dict[str, Any] = {k: getattr(model, k) for k in keys}
     cfg["patch_size"] = list(cfg["patch_size"])
+    if model.guidance_embed:  # only when set: configs saved before CFG distillation existed stay as they were
+        cfg["guidance_embed"] = True
     if isinstance(model, CausalWanModel):
         cfg.update(arch="causal", num_frame_per_block=model.num_frame_per_block,
                    local_attn_size=model.local_attn_size, sink_size=model.sink_size)  # fmt: skip

@@ -176,15 +176,17 @@ class CausalWanModel(WanModel):
         add_condition: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         current_start_frame: int = 0,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, C, F, H, W], t [B] or [B, F], context [B, L, text_dim] -> flow [B, out_dim, F, H, W].
+        """x [B, C, F, H, W], t [B] or [B, F], context [B, L, text_dim], guidance w [B] (CFG-distilled models only)
+        -> flow [B, out_dim, F, H, W].
 
         With kv_cache: x, t, y and add_condition hold only this block's frames (slice the clip's pose tokens
         with wan.modules.pose.pose_tokens_for_frames).
         """
         tokens, grid = self.embed_video(x, y, add_condition)
         frames, h, w = grid
-        e, e0 = self.time_embedding_per_frame(t, frames)
+        e, e0 = self.time_embedding_per_frame(t, frames, guidance)
         rope = rope_angles(self.head_dim, current_start_frame, grid, x.device)
 
         if kv_cache is None:

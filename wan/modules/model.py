@@ -2,7 +2,8 @@
 
 Numerics follow the official model: fp32 residual stream, modulation, time embedding and head; float64
 timestep sinusoid and RoPE; matmuls in the parameters' dtype (bf16 in practice). State-dict keys are the
-official ones, plus `dwpose_embedding.*`, `randomref_embedding_pose.*` and `pose_proj.*` for pose models.
+official ones, plus `dwpose_embedding.*`, `randomref_embedding_pose.*` and `pose_proj.*` for pose models and
+`guidance_embedding.*` for CFG-distilled ones (guidance_embed: the CFG scale w as an input).
 """
 
 from __future__ import annotations
@@ -300,6 +301,7 @@ class WanModel(nn.Module):
         cross_attn_norm: bool = True,
         pose_dim: int | None = None,
         clip_dim: int = 1280,
+        guidance_embed: bool = False,
         pose_loader: Callable[[WanModel], None] | None = None,
     ):
         super().__init__()
@@ -315,7 +317,7 @@ class WanModel(nn.Module):
         self.freq_dim, self.text_dim, self.out_dim = freq_dim, text_dim, out_dim
         self.num_heads, self.num_layers, self.eps = num_heads, num_layers, eps
         self.qk_norm, self.cross_attn_norm = qk_norm, cross_attn_norm
-        self.pose_dim, self.clip_dim = pose_dim, clip_dim
+        self.pose_dim, self.clip_dim, self.guidance_embed = pose_dim, clip_dim, guidance_embed
         self.head_dim = dim // num_heads
         if self.head_dim % 2 or min(rope_axis_dims(self.head_dim)) < 1:
             raise ValueError(f"head_dim={self.head_dim} is too small or odd for 3-axis RoPE (needs an even value >= 6)")
@@ -325,6 +327,8 @@ class WanModel(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        if guidance_embed:  # CFG distillation: sinusoid(w * 1000) -> MLP, added to the time embedding
+            self.guidance_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         image_input = model_type == "i2v"
         self.blocks = nn.ModuleList(
             WanAttentionBlock(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, image_input)
@@ -352,18 +356,25 @@ class WanModel(nn.Module):
     # -- init
 
     def init_weights(self) -> None:
-        """The official init (xavier linears, small-normal embeddings, zero head) plus a zero pose_proj."""
+        """The official init (xavier linears, small-normal embeddings, zero head) plus a zero pose_proj and a zero
+        last guidance-embedding layer (a guided model starts as exactly its base)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
-        for seq in (self.text_embedding, self.time_embedding):
+        embeddings = [self.text_embedding, self.time_embedding]
+        if self.guidance_embed:
+            embeddings.append(self.guidance_embedding)
+        for seq in embeddings:
             for m in seq.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
+        if self.guidance_embed:
+            nn.init.zeros_(self.guidance_embedding[2].weight)
+            nn.init.zeros_(self.guidance_embedding[2].bias)
         if hasattr(self, "pose_proj"):
             nn.init.zeros_(self.pose_proj.weight)
             nn.init.zeros_(self.pose_proj.bias)
@@ -410,16 +421,35 @@ class WanModel(nn.Module):
             ctx_img = self.img_emb(clip_fea)
         return ctx, ctx_img
 
-    def time_embedding_per_frame(self, t: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """t [B] or [B, F] -> (e [B, F, dim], e0 [B, F, 6, dim]) in fp32."""
+    def time_embedding_per_frame(
+        self, t: torch.Tensor, num_frames: int, guidance: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] or [B, F], guidance w [B] or None -> (e [B, F, dim], e0 [B, F, 6, dim]) in fp32.
+
+        A guided model (guidance_embed) adds MLP(sinusoid(w * 1000)) to the time embedding of every frame (its last
+        layer starts at zero, so an untrained guided model equals its base); without w nothing is added."""
         if t.dim() == 1:
             t = t[:, None].expand(-1, num_frames)
         if t.shape[1] != num_frames:
             raise ValueError(f"t has {t.shape[1]} per-frame timesteps but x has {num_frames} latent frames")
         sinusoid = sinusoidal_embedding_1d(self.freq_dim, t.flatten()).float()
         h = _linear_fp32(self.time_embedding[2], self.time_embedding[1](_linear_fp32(self.time_embedding[0], sinusoid)))
+        h = h.unflatten(0, t.shape)  # [B, F, dim]
+        if guidance is not None:
+            h = h + self.embed_guidance(guidance, t.shape[0])[:, None]
         e0 = _linear_fp32(self.time_projection[1], self.time_projection[0](h))
-        return h.unflatten(0, t.shape), e0.unflatten(0, t.shape).unflatten(-1, (6, self.dim))
+        return h, e0.unflatten(-1, (6, self.dim))
+
+    def embed_guidance(self, guidance: torch.Tensor, batch: int) -> torch.Tensor:
+        """CFG scale w [B] -> [B, dim] fp32: Linear-SiLU-Linear on the float64 sinusoid of w * 1000."""
+        if not self.guidance_embed:
+            raise ValueError("guidance (the CFG scale as an input) needs a CFG-distilled model: build it with "
+                             "guidance_embed=True (roles.<role>.guidance_embed=true)")  # fmt: skip
+        if guidance.shape != (batch,):
+            raise ValueError(f"guidance must be one CFG scale per sample, shape [{batch}]; got {tuple(guidance.shape)}")
+        sinusoid = sinusoidal_embedding_1d(self.freq_dim, guidance * 1000).float()
+        g = self.guidance_embedding
+        return _linear_fp32(g[2], g[1](_linear_fp32(g[0], sinusoid)))
 
     def embed_video(
         self, x: torch.Tensor, y: torch.Tensor | None, add_condition: torch.Tensor | None
@@ -475,10 +505,12 @@ class WanModel(nn.Module):
         clip_fea: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         add_condition: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, C, F, H, W] noisy latents, t [B] or [B, F], context [B, L, text_dim] -> flow [B, out_dim, F, H, W]."""
+        """x [B, C, F, H, W] noisy latents, t [B] or [B, F], context [B, L, text_dim], guidance w [B] (CFG-distilled
+        models only) -> flow [B, out_dim, F, H, W]."""
         tokens, grid = self.embed_video(x, y, add_condition)
-        e, e0 = self.time_embedding_per_frame(t, grid[0])
+        e, e0 = self.time_embedding_per_frame(t, grid[0], guidance)
         ctx, ctx_img = self.embed_context(context, clip_fea)
         rope = rope_angles(self.head_dim, 0, grid, x.device)
 
