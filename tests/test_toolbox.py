@@ -136,16 +136,21 @@ def test_official_checkpoints_load_into_a_guided_model_which_starts_as_its_base(
 
 def test_a_guided_network_samples_with_one_forward_per_step():
     """The teacher sampler and the student's stream run the conditional branch alone for a CFG-distilled network,
-    with w as its input in every pass (the stream's context pass too); a plain network runs both branches."""
+    with w as its input in every pass (the stream's context pass too); a plain network runs both branches (as one
+    batch of 2 in the whole-clip sampler)."""
     batch = tiny_batch(1)
     shape = (1, 16, FRAMES, batch["latents"].shape[3], batch["latents"].shape[4])
-    for guided, forwards in ((True, 3), (False, 6)):
+    for guided, rows in ((True, 1), (False, 2)):
         model = randomize(build_model("tiny_teacher", guidance_embed=guided), seed=1)
         calls = capture_calls(model)
+        sizes = []
+        handle = model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(args[0].shape[0]),
+                                                 with_kwargs=True)  # fmt: skip
         cond = conditions(model, batch)
         sample_latents(model, cond, shape, 3, 5.0, 1.5, cond.unconditional(batch["neg_context"]),
                        torch.Generator().manual_seed(0))  # fmt: skip
-        assert len(calls) == forwards
+        handle.remove()
+        assert len(calls) == 3 and sizes == [rows] * 3
         if guided:
             assert all(torch.equal(c["guidance"], torch.tensor([1.5])) for c in calls)
     student = randomize(build_model("tiny", guidance_embed=True), seed=2)
