@@ -228,14 +228,17 @@ def generate_ode_pairs(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
+    writer: bool = True,
 ) -> list[int]:
     """Write the ODE pairs of the source samples r::world that are not written yet; returns the indices written.
 
     source items are conditioning dicts in the batch layout without the batch dim (context, clip_fea, y, pose,
     ...). Each sample starts from sample_noise(seed, index), so the output does not depend on ranks or resumes.
+    Under sequence parallelism rank/world_size count the data-parallel rows (every rank of an sp group computes
+    the same samples) and only the group's writer (its first rank) writes them.
     """
     out_dir = Path(out_dir)
-    if rank == 0:
+    if rank == 0 and writer:
         check_manifest(out_dir, settings, write=True)
     barrier()  # the other ranks check the manifest rank 0 wrote or found
     check_manifest(out_dir, settings, write=False)
@@ -253,7 +256,8 @@ def generate_ode_pairs(
             ode_latents, ode_t = causal_trajectory(model, batch, noise, settings)
         else:
             ode_latents, ode_t = teacher_trajectory(model, batch, noise, settings)
-        write_sample(path, ode_latents[0], ode_t, {k: v[0] for k, v in batch.items()})
+        if writer:
+            write_sample(path, ode_latents[0], ode_t, {k: v[0] for k, v in batch.items()})
+            log.info("ODE pair %d written (%s)", index, path.name)
         written.append(index)
-        log.info("ODE pair %d written (%s)", index, path.name)
     return written

@@ -6,6 +6,7 @@ one-rank iteration; the errors name the numbers."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -59,7 +60,7 @@ def _entry(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180))  # no hang
     try:
         results = {}
         for name, job, args in JOBS[world]:
@@ -204,6 +205,48 @@ def test_errors_name_both_numbers(spawned):
     assert msgs["cached no-grad error"] == 0.0
 
 
+# ----------------------------------------------------------------------------- teacher sampling: ODE pairs
+
+
+def _ode_pairs_job(rank: int, world: int, out: Path) -> dict:
+    """scripts/generate_ode_pairs.py's loop with the teacher split over the group (only its first rank writes)
+    against the same loop on one rank."""
+    from pipeline.ode_pairs import ODEPairDataset, ODEPairSettings, generate_ode_pairs
+    from wan.configs import build_model
+    from wan.modules.sequence_parallel import SequenceParallel
+
+    layout = _layout(world)
+    source = []
+    for i in range(2):
+        inp, (pose, ref) = tiny_inputs(1, 5, seed=10 + i), tiny_pose(1, 5, seed=20 + i)
+        source.append({"context": inp["context"][0], "neg_context": 0.1 * inp["context"][0].flip(0),
+                       "clip_fea": inp["clip_fea"][0], "y": inp["y"][0], "pose": pose[0].round(),
+                       "ref_pose": ref[0].round()})  # fmt: skip
+    settings = ODEPairSettings(num_steps=8)
+    teacher = randomize(build_model("tiny_teacher"), seed=1).requires_grad_(False)
+    written = {"one": generate_ode_pairs(teacher, source, out / "one", settings, writer=rank == 0)}  # whole
+    teacher.sequence_parallel = SequenceParallel(layout.sp_group)
+    written["sp"] = generate_ode_pairs(teacher, source, out / "sp", settings, layout.dp_rank, layout.dp_size,
+                                       writer=layout.sp_rank == 0)  # fmt: skip
+    dist.barrier()
+    if rank != 0:
+        return {}
+    one, par = ODEPairDataset(out / "one"), ODEPairDataset(out / "sp")
+    files = sorted(p.name for p in (out / "sp").iterdir())
+    err = max(rel_err(par[i]["ode_latents"], one[i]["ode_latents"]) for i in range(len(one)))
+    return {"written": written, "error": err, "files": files}
+
+
+def test_ode_pairs_with_sequence_parallel_teacher_equal_one_rank(spawned):
+    world, _, results = spawned
+    if world != 2:
+        pytest.skip("the 2-rank world generates the ODE pairs")
+    result = results["ode pairs"]
+    assert result["written"] == {"one": [0, 1], "sp": [0, 1]}
+    assert result["files"] == ["00000000.safetensors", "00000001.safetensors", "manifest.json"]
+    assert result["error"] <= TOL, result
+
+
 # ----------------------------------------------------------------------------- one DMD iteration under SP x FSDP2
 
 
@@ -290,6 +333,6 @@ def test_dmd_iteration_under_sp_fsdp_equals_one_rank(spawned, tmp_path):
 
 
 JOBS = {  # world size: (result name, job, keyword arguments); the DMD iteration covers dp 2 x sp 2
-    2: [("network sp2", _network_job, {"sp": 2}), ("errors", _errors_job, {})],
+    2: [("network sp2", _network_job, {"sp": 2}), ("errors", _errors_job, {}), ("ode pairs", _ode_pairs_job, {})],
     4: [("network sp4", _network_job, {"sp": 4}), ("dmd", _dmd_job, {"sp": 2})],
 }
