@@ -46,6 +46,15 @@ def test_block_causal_mask_in_shard_order(window, sink, frames):
     assert torch.equal(sharded.token_mask(), base.token_mask()[gathered][:, gathered])
 
 
+def test_config_errors_before_anything_is_built(tmp_path):
+    from utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.sequence_parallel=2 must divide the 1 ranks"):
+        _dmd_trainer(tmp_path, tmp_path, "train.sequence_parallel=2")
+    with pytest.raises(ConfigError, match=r"stage 'self_forcing' runs a network through its KV cache with gradient"):
+        _dmd_trainer(tmp_path, tmp_path, "train.sequence_parallel=2", "stage=self_forcing")
+
+
 # ----------------------------------------------------------------------------- multi-process harness
 # One spawn per world size runs every job (process start-up dominates on CPU); the tests read its results.
 

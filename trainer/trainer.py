@@ -149,15 +149,16 @@ class Trainer:
                 f"train.sequence_parallel={sp} cannot split (it covers the full-sequence forward): set "
                 "train.sequence_parallel=1"
             )
+        try:
+            layout = parallel_layout(self.dist, sp)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         if sp > 1 and self.mode not in ("fsdp", "ddp"):
             raise ConfigError(
                 f"train.sequence_parallel={sp} with train.distributed={cfg.train.distributed}: the sp ranks' "
                 "gradients must be reduced; use train.distributed=auto, fsdp or ddp"
             )
-        try:
-            return parallel_layout(self.dist, sp)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+        return layout
 
     # -- state
 
