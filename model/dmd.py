@@ -141,6 +141,7 @@ class SelfForcing(DMD):
     inference, with gradient only through each block's exit step."""
 
     name = "self_forcing"
+    sequence_parallel = False  # the rollout runs the generator through its KV cache with gradient
 
     def generate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         generator = self.roles["generator"]

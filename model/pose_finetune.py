@@ -50,6 +50,7 @@ class PoseFinetune(Objective):
     """
 
     name = "pose_finetune"
+    sequence_parallel = False  # teacher forcing runs the generator through its KV cache with gradient
     required_roles = ("generator",)
     trainable_roles = ("generator",)
     defaults = {

@@ -229,18 +229,21 @@ def generate_ode_pairs(
     world_size: int = 1,
     device: torch.device | str = "cpu",
     batch_size: int = 1,
+    writer: bool = True,
 ) -> list[int]:
     """Write the ODE pairs of the source samples r::world that are not written yet; returns the indices written.
 
     source items are conditioning dicts in the batch layout without the batch dim (context, clip_fea, y, pose,
     ...), all of one shape when batch_size > 1 (samples solved together, each written on its own). Each sample
     starts from sample_noise(seed, index), so the output does not depend on ranks, resumes or batching (up to
-    the float rounding of batched kernels).
+    the float rounding of batched kernels). Under sequence parallelism rank/world_size count the data-parallel
+    rows (every rank of an sp group computes the same samples) and only the group's writer (its first rank)
+    writes them.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected at least 1 sample per teacher call")
     out_dir = Path(out_dir)
-    if rank == 0:
+    if rank == 0 and writer:
         check_manifest(out_dir, settings, write=True)
     barrier()  # the other ranks check the manifest rank 0 wrote or found
     check_manifest(out_dir, settings, write=False)
@@ -258,8 +261,10 @@ def generate_ode_pairs(
             ode_latents, ode_t = causal_trajectory(model, batch, noise, settings)
         else:
             ode_latents, ode_t = teacher_trajectory(model, batch, noise, settings)
-        for j, index in enumerate(indices):
-            write_sample(sample_path(out_dir, index), ode_latents[j], ode_t, {k: v[j] for k, v in batch.items()})
+        if writer:
+            for j, index in enumerate(indices):
+                write_sample(sample_path(out_dir, index), ode_latents[j], ode_t, {k: v[j] for k, v in batch.items()})
+            log.info("ODE pairs %d/%d of this rank written (last: %s)", len(written) + len(indices), len(pending),
+                     indices[-1])  # fmt: skip
         written.extend(indices)
-        log.info("ODE pairs %d/%d of this rank written (last: %s)", len(written), len(pending), indices[-1])
     return written

@@ -55,22 +55,15 @@ class RoleTimer:
         return total, calls
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="dmd")
-    p.add_argument("--model", default="wan_1.3b_causal_pose", help="configs/model/<name>.yaml")
-    p.add_argument("--iterations", type=int, default=3, help="timed iterations (after one warm-up)")
-    p.add_argument("--json", type=Path)
-    p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def benchmark(stage: str, model: str, iterations: int, overrides: list[str], shape: str) -> tuple[Trainer, dict]:
+    """Time `iterations` iterations (after one warm-up) of a stage through the real Trainer at real size."""
     registry = objective_registry()
     overrides = [
-        f"stage={args.stage}", f"model={args.model}", "train.dtype=bf16", "train.gradient_checkpointing=true",
-        "train.batch_size=1", f"train.iterations={args.iterations + 1}", "train.save_every=1000000",
+        f"stage={stage}", f"model={model}", "train.dtype=bf16", "train.gradient_checkpointing=true",
+        "train.batch_size=1", f"train.iterations={iterations + 1}", "train.save_every=1000000",
         "train.export=false", "data.type=synthetic", "data.num_samples=2", "data.latent_frames=21",
-        "data.latent_size=[60,104]", "run.output_dir=/tmp/poseforcing_bench", f"run.name={args.stage}",
-        "train.log_every=1", *args.overrides,
+        "data.latent_size=[60,104]", "run.output_dir=/tmp/poseforcing_bench", f"run.name={stage}",
+        "train.log_every=1", *overrides,
     ]  # fmt: skip
     cfg = load_config(None, overrides, objective_defaults(registry))
     t0 = time.perf_counter()
@@ -81,14 +74,15 @@ def main() -> None:
     results: dict[str, object] = {
         "device": torch.cuda.get_device_name(),
         "gpus": trainer.dist.world_size,
+        "sequence_parallel": trainer.layout.sp_size,
         "parallel": trainer.mode,
-        "stage": args.stage,
+        "stage": stage,
         "presets": {name: cfg.roles[name].preset for name in trainer.roles},
-        "shape": "480x832, 21 latent frames, batch 1 per GPU, bf16, activation checkpointing",
+        "shape": shape,
         "build_and_load_s": build_s,
         "iterations": [],
     }
-    for iteration in range(args.iterations + 1):
+    for iteration in range(iterations + 1):
         trainer.start, cfg.train.iterations = iteration, iteration + 1
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -104,14 +98,34 @@ def main() -> None:
             row[f"forward_s/{name}"], row[f"forward_calls/{name}"] = seconds, calls
         if iteration > 0:  # the first is warm-up (allocator, kernels)
             results["iterations"].append(row)
+    return trainer, results
+
+
+def table(results: dict) -> str:
+    """The markdown table of a benchmark() result."""
+    roles = list(results["presets"])
+    lines = ["| iteration | due | seconds | peak GiB | " + " | ".join(f"fwd {n} (s, calls)" for n in roles) + " |"]
+    lines.append("|" + "---|" * (4 + len(roles)))
+    for row in results["iterations"]:
+        per_role = " | ".join(f"{row[f'forward_s/{n}']:.2f} ({row[f'forward_calls/{n}']})" for n in roles)
+        lines.append(f"| {row['iteration']} | {','.join(row['due'])} | {row['seconds']:.2f} | "
+                     f"{row['peak_GiB']:.1f} | {per_role} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", default="dmd")
+    p.add_argument("--model", default="wan_1.3b_causal_pose", help="configs/model/<name>.yaml")
+    p.add_argument("--iterations", type=int, default=3, help="timed iterations (after one warm-up)")
+    p.add_argument("--json", type=Path)
+    p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    shape = "480x832, 21 latent frames, batch 1 per GPU, bf16, activation checkpointing"
+    trainer, results = benchmark(args.stage, args.model, args.iterations, args.overrides, shape)
     if trainer.dist.is_main:
-        lines = ["| iteration | due | seconds | peak GiB | " + " | ".join(f"fwd {n} (s, calls)" for n in timers) + " |"]
-        lines.append("|" + "---|" * (4 + len(timers)))
-        for row in results["iterations"]:
-            per_role = " | ".join(f"{row[f'forward_s/{n}']:.2f} ({row[f'forward_calls/{n}']})" for n in timers)
-            lines.append(f"| {row['iteration']} | {','.join(row['due'])} | {row['seconds']:.2f} | "
-                         f"{row['peak_GiB']:.1f} | {per_role} |")  # fmt: skip
-        print("\n".join(lines))
+        print(table(results))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2))

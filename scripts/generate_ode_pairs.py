@@ -5,6 +5,7 @@ skipped) and sharded over torchrun ranks (rank r does samples r::world).
   python scripts/generate_ode_pairs.py --weights teacher.safetensors --pose-weights unianimate.ckpt \\
       --source data/conditioning --out data/ode_pairs
   torchrun --nproc_per_node 8 scripts/generate_ode_pairs.py ...          # same output, 8x faster
+  torchrun --nproc_per_node 8 scripts/generate_ode_pairs.py --sequence-parallel 4 ...   # 720p: each clip on 4 GPUs
   python scripts/generate_ode_pairs.py --causal --preset wan_1.3b_causal_pose --weights ode_init.safetensors ...
 """
 
@@ -26,10 +27,11 @@ from pipeline.ode_pairs import ODEPairSettings, generate_ode_pairs  # noqa: E402
 from pipeline.rollout import DEFAULT_STEPS  # noqa: E402
 from trainer.data import SyntheticPoseDataset, TensorFolderDataset  # noqa: E402
 from utils.config import DTYPES  # noqa: E402
-from utils.dist import barrier, destroy, init_distributed  # noqa: E402
+from utils.dist import barrier, destroy, init_distributed, parallel_layout  # noqa: E402
 from utils.scheduler import SOLVERS  # noqa: E402
 from wan.checkpoint import load_pose_weights, load_weights  # noqa: E402
 from wan.configs import build_model, get_config  # noqa: E402
+from wan.modules.sequence_parallel import SequenceParallel  # noqa: E402
 
 logger = logging.getLogger("generate_ode_pairs")
 
@@ -55,12 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="network dtype")
     p.add_argument("--limit", type=int, help="only the first N samples of --source")
     p.add_argument("--batch-size", type=int, default=1, help="samples solved together (same shapes); small models")
+    p.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                   help="split each clip's tokens over N ranks (Ulysses; N divides the heads and h*w)")  # fmt: skip
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     dist = init_distributed()
+    layout = parallel_layout(dist, args.sequence_parallel)
     model = build_model(args.preset, device=dist.device, dtype=DTYPES[args.dtype])
+    if layout.sp_group is not None:
+        model.sequence_parallel = SequenceParallel(layout.sp_group)
     load_weights(model, args.weights)
     if args.pose_weights:
         load_pose_weights(model, args.pose_weights)
@@ -76,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
         num_steps=args.num_steps, shift=args.shift, guidance=args.guidance, solver=args.solver,
         student_steps=tuple(args.student_steps), causal=args.causal, seed=args.seed,
     )  # fmt: skip
-    written = generate_ode_pairs(
-        model, source, args.out, settings, dist.rank, dist.world_size, dist.device, batch_size=args.batch_size
-    )
-    logger.info("rank %d: wrote %d new samples to %s", dist.rank, len(written), args.out)
+    written = generate_ode_pairs(model, source, args.out, settings, layout.dp_rank, layout.dp_size, dist.device,
+                                 batch_size=args.batch_size, writer=layout.sp_rank == 0)  # fmt: skip
+    if layout.sp_rank == 0:
+        logger.info("rank %d: wrote %d new samples to %s", dist.rank, len(written), args.out)
     barrier()
     destroy()
     return 0

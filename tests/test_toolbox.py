@@ -144,7 +144,7 @@ def test_a_guided_network_samples_with_one_forward_per_step():
         model = randomize(build_model("tiny_teacher", guidance_embed=guided), seed=1)
         calls = capture_calls(model)
         sizes = []
-        handle = model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(args[0].shape[0]),
+        handle = model.register_forward_pre_hook(lambda m, args, kwargs, out=sizes: out.append(args[0].shape[0]),
                                                  with_kwargs=True)  # fmt: skip
         cond = conditions(model, batch)
         sample_latents(model, cond, shape, 3, 5.0, 1.5, cond.unconditional(batch["neg_context"]),

@@ -95,13 +95,16 @@ class Objective:
 
     name: the `stage:` key that selects it; required_roles: networks it needs; trainable_roles: those with
     optimizers; defaults: its `objective:` config section (every key it reads, with defaults; unknown keys in
-    a config are an error).
+    a config are an error); sequence_parallel: whether train.sequence_parallel may split its networks.
     """
 
     name: ClassVar[str]
     required_roles: ClassVar[tuple[str, ...]] = ("generator",)
     trainable_roles: ClassVar[tuple[str, ...]] = ("generator",)
     defaults: ClassVar[dict[str, Any]] = {}
+    # False: the method runs a network through its KV cache with gradient, which train.sequence_parallel cannot
+    # split (sequence parallelism covers the full-sequence forward only)
+    sequence_parallel: ClassVar[bool] = True
 
     def __init__(self, cfg: Any, roles: dict[str, nn.Module], ctx: TrainContext):
         self.cfg, self.roles, self.ctx = cfg, roles, ctx

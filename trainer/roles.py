@@ -17,6 +17,7 @@ from utils.lora import lora_scale
 from wan.checkpoint import load_pose_weights, load_weights
 from wan.configs import build_model
 from wan.modules.model import WanModel
+from wan.modules.sequence_parallel import SequenceParallel
 
 log = logging.getLogger(__name__)
 POSE_MODULES = ("dwpose_embedding", "randomref_embedding_pose", "pose_proj")
@@ -53,6 +54,13 @@ def replicated_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for name in POSE_MODULES if hasattr(model, name) for p in getattr(model, name).parameters()]
 
 
+def forward_params(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters used inside forward() (all but the pose encoders). Under sequence parallelism each
+    rank holds its own tokens' share of their gradient; the pose encoders' gradient is whole on every rank."""
+    replicated = {id(p) for p in replicated_params(model)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in replicated]
+
+
 def shard_fsdp2(model: WanModel, bf16: bool) -> WanModel:
     """fully_shard each block, then the root; bf16 compute with fp32 gradient reduction when bf16 (frozen roles
     are stored in bf16 already and are not cast)."""
@@ -81,7 +89,9 @@ def role_param_dtype(cfg: Any, trainable: bool) -> torch.dtype:
     return torch.float32 if trainable else DTYPES[cfg.train.dtype]
 
 
-def build_role(name: str, role_cfg: Any, cfg: Any, dist: DistInfo, trainable: bool) -> WanModel:
+def build_role(name: str, role_cfg: Any, cfg: Any, dist: DistInfo, trainable: bool, sp_group: Any = None) -> WanModel:
+    """The role's network: preset, weights, pose weights, trainable or frozen, FSDP2 when distributed, and
+    sequence parallelism over sp_group (a ProcessGroup; None: off)."""
     if role_cfg.preset is None:
         raise ConfigError(
             f"stage {cfg.stage!r} needs roles.{name}.preset (set it in configs/model/{cfg.model}.yaml or on the "
@@ -116,6 +126,8 @@ def build_role(name: str, role_cfg: Any, cfg: Any, dist: DistInfo, trainable: bo
         attach_lora(model, role_cfg.lora, name)
     # Every role: frozen ones too, since some objectives (SiD) backpropagate through the teacher and critic.
     model.gradient_checkpointing = bool(cfg.train.gradient_checkpointing)
+    if sp_group is not None:
+        model.sequence_parallel = SequenceParallel(sp_group)
     if mode == "fsdp":
         shard_fsdp2(model, bf16=cfg.train.dtype == "bf16" and param_dtype == torch.float32)
     return model

@@ -27,9 +27,16 @@ from trainer.checkpoint import CheckpointManager, lock_run_folder, truncate_metr
 from trainer.data import build_dataset, global_indices, local_batch
 from trainer.ema import EMA
 from trainer.objective import Objective, TrainContext
-from trainer.roles import build_role, make_optimizer, parallel_mode
+from trainer.roles import build_role, forward_params, make_optimizer, parallel_mode
 from utils.config import DTYPES, ConfigError, save_config, validate_config
-from utils.dist import all_reduce_mean, average_gradients, barrier, init_distributed, init_single_process_group
+from utils.dist import (
+    all_reduce_mean,
+    average_gradients,
+    barrier,
+    init_distributed,
+    init_single_process_group,
+    parallel_layout,
+)
 from utils.lora import adapter_file_state, merged_peft_state
 from utils.safetensors_io import atomic_save_safetensors
 from wan.configs import model_config
@@ -91,6 +98,7 @@ class Trainer:
             init_single_process_group(self.dist.device)  # bf16 in one process: FSDP2 over a world of one
         objective_cls = registry[cfg.stage]
         validate_config(cfg)
+        self.layout = self._parallel_layout(cfg, objective_cls)
         self.run_dir = Path(cfg.run.output_dir) / (cfg.run.name or cfg.stage)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, self.dist.is_main)
         self.resume_from = self.ckpt.candidates(cfg.run.resume)  # a bad --resume PATH fails before anything is written
@@ -102,7 +110,7 @@ class Trainer:
                 f"{self.run_dir} already has checkpoints: pass run.resume=auto (or --resume auto) to continue it, "
                 "or choose another run.name"
             )
-        self.global_batch = cfg.train.batch_size * self.dist.world_size
+        self.global_batch = cfg.train.batch_size * self.layout.dp_size  # the ranks of an sp group share samples
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -111,7 +119,9 @@ class Trainer:
         self.trainable = objective_cls.trainable_roles
         self.roles = {
             name: objective_cls.prepare_role(
-                name, build_role(name, cfg.roles[name], cfg, self.dist, name in self.trainable), cfg.objective
+                name,
+                build_role(name, cfg.roles[name], cfg, self.dist, name in self.trainable, self.layout.sp_group),
+                cfg.objective,
             )
             for name in objective_cls.required_roles
         }
@@ -122,7 +132,7 @@ class Trainer:
             if cfg.roles[name].ema_decay is not None
         }
         compute_dtype = DTYPES[cfg.train.dtype]
-        self.ctx = TrainContext(self.dist.device, compute_dtype, cfg.seed, self.dist.rank, self.dist.world_size,
+        self.ctx = TrainContext(self.dist.device, compute_dtype, cfg.seed, self.layout.dp_rank, self.layout.dp_size,
                                 emas=self.emas)  # fmt: skip
         self.objective = objective_cls(cfg.objective, self.roles, self.ctx)
         generator_preset = cfg.roles.generator.preset if "generator" in cfg.roles else None
@@ -134,6 +144,26 @@ class Trainer:
 
             self.evaluator = WorldEvaluator(cfg.eval, self.dist.device)
         self.start = self._resume(cfg.run.resume)
+
+    def _parallel_layout(self, cfg: DictConfig, objective_cls: type[Objective]):
+        """The (dp, sp) grid of ranks; refuses sequence parallelism where it cannot split the stage."""
+        sp = int(cfg.train.sequence_parallel)
+        if sp > 1 and not objective_cls.sequence_parallel:
+            raise ConfigError(
+                f"stage {cfg.stage!r} runs a network through its KV cache with gradient, which "
+                f"train.sequence_parallel={sp} cannot split (it covers the full-sequence forward): set "
+                "train.sequence_parallel=1"
+            )
+        try:
+            layout = parallel_layout(self.dist, sp)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if sp > 1 and self.mode not in ("fsdp", "ddp"):
+            raise ConfigError(
+                f"train.sequence_parallel={sp} with train.distributed={cfg.train.distributed}: the sp ranks' "
+                "gradients must be reduced; use train.distributed=auto, fsdp or ddp"
+            )
+        return layout
 
     # -- state
 
@@ -182,7 +212,7 @@ class Trainer:
         b, accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
         step = iteration * accum + micro
         ids = global_indices(len(self.data), step, self.global_batch, self.cfg.seed, self.cfg.data.shuffle)
-        lo = self.dist.rank * b
+        lo = self.layout.dp_rank * b  # every rank of a sequence-parallel group takes the same samples
         positions = [step * self.global_batch + lo + i for i in range(b)]  # unique ids for the noise streams
         return local_batch(self.data, ids[lo : lo + b], self.dist.device, self.float_dtype), positions
 
@@ -229,10 +259,7 @@ class Trainer:
             for role in due:
                 model = self.roles[role]
                 params = [p for p in model.parameters() if p.requires_grad]
-                if self.mode == "ddp":
-                    average_gradients(params)
-                elif self.mode == "fsdp":  # FSDP2 reduces its sharded params; the rest (pose encoders, heads) here
-                    average_gradients([p for p in params if not isinstance(p, DTensor)])
+                self._reduce_gradients(model, params)
                 logs[f"grad_norm/{role}"] = clip_grad_norm(params, cfg.train.grad_clip)
                 self.optimizers[role].step()
                 if role in self.emas:
@@ -266,6 +293,19 @@ class Trainer:
         if wandb_run is not None:
             wandb_run.finish()
         return history
+
+    def _reduce_gradients(self, model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+        """Average the gradients over the ranks; under sequence parallelism the sp ranks of one sample hold
+        shares of its gradient (forward_params), which must be summed, not averaged: sum over sp, mean over dp
+        = the mean over all ranks times sp."""
+        if self.mode == "ddp":
+            average_gradients(params)
+        elif self.mode == "fsdp":  # FSDP2 reduces its sharded params; the rest (pose encoders, heads) here
+            average_gradients([p for p in params if not isinstance(p, DTensor)])
+        if self.layout.sp_size > 1:
+            for p in forward_params(model):
+                if p.grad is not None:
+                    p.grad.mul_(self.layout.sp_size)
 
     def _evaluate(self, done: int) -> dict[str, float]:
         """eval/* scores of the evaluated role on the held-out clips (every rank samples; rank 0 writes)."""

@@ -164,6 +164,7 @@ _INT_MINIMUM = (
     ("train.save_every", 1, "iterations between checkpoints"),
     ("train.log_every", 1, "iterations between log lines"),
     ("train.keep_last", 1, "checkpoints kept"),
+    ("train.sequence_parallel", 1, "ranks that split one sample's tokens (1: off)"),
     ("data.num_samples", 1, "synthetic samples"),
     ("data.latent_frames", 1, "latent frames of a synthetic sample"),
     ("data.num_workers", 0, "data loader workers"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,43 @@ def init_distributed(device: str | None = None) -> DistInfo:
             "nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30), device_id=dev if use_cuda else None
         )
     return DistInfo(rank, world, local_rank, dev)
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The ranks as a (dp, sp) grid: sp ranks in a row hold the same samples and split each one's tokens
+    (sequence parallelism); dp rows see different samples. Global rank = dp_rank * sp_size + sp_rank, so a
+    sequence-parallel group is a run of neighbouring ranks (one node's NVLink). FSDP2 shards over all ranks."""
+
+    dp_rank: int
+    dp_size: int
+    sp_rank: int = 0
+    sp_size: int = 1
+    sp_group: Any = None  # the sequence-parallel ProcessGroup; None when sp_size is 1
+
+
+def parallel_layout(info: DistInfo, sequence_parallel: int) -> ParallelLayout:
+    """Split the world into data-parallel x sequence-parallel ranks (a 2-D device mesh, dims "dp" and "sp").
+    sequence_parallel 1 makes no group: every rank is its own data-parallel row."""
+    if sequence_parallel == 1:
+        return ParallelLayout(info.rank, info.world_size)
+    if sequence_parallel < 1 or info.world_size % sequence_parallel:
+        raise ValueError(
+            f"train.sequence_parallel={sequence_parallel} must divide the {info.world_size} ranks "
+            f"(torchrun --nproc_per_node x nodes): use a divisor of {info.world_size}, or 1 to turn it off"
+        )
+    if not is_distributed():
+        raise ValueError(
+            f"train.sequence_parallel={sequence_parallel} splits one sample over several processes: launch with "
+            f"torchrun --nproc_per_node {sequence_parallel} (or a multiple)"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp = info.world_size // sequence_parallel
+    mesh = init_device_mesh(info.device.type, (dp, sequence_parallel), mesh_dim_names=("dp", "sp"))
+    return ParallelLayout(
+        mesh["dp"].get_local_rank(), dp, mesh["sp"].get_local_rank(), sequence_parallel, mesh["sp"].get_group()
+    )
 
 
 def init_single_process_group(device: torch.device) -> None:

@@ -81,6 +81,8 @@ class BlockCausalSpec:
 
     A query in block b (frames [b*n, (b+1)*n)) sees key frames f < end(b) where end(b) is the block's end,
     further restricted to f >= end(b) - window or f < sink when a local window is set (window = -1: none).
+    Tokens are in (frame, token) order; with shards = N (sequence parallelism after its all-to-all) they are in
+    (shard, frame, token) order instead, each shard holding tokens_per_frame / N tokens of every frame.
     """
 
     num_frames: int
@@ -88,6 +90,7 @@ class BlockCausalSpec:
     frames_per_block: int
     window: int = -1
     sink: int = 0
+    shards: int = 1
 
     def frame_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Bool [F, F] (query frame, key frame) -> may attend."""
@@ -100,10 +103,20 @@ class BlockCausalSpec:
             allowed &= (k_frame >= q_end - self.window) | (k_frame < self.sink)
         return allowed
 
+    def token_frames(self, index: torch.Tensor) -> torch.Tensor:
+        """The latent frame of each token index (any shape of int tensor)."""
+        if self.shards == 1:
+            return index // self.tokens_per_frame
+        per_shard = self.tokens_per_frame // self.shards  # each shard: every frame's run of per_shard tokens
+        return (index % (self.num_frames * per_shard)) // per_shard
+
     def token_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Bool [L, L] with L = num_frames * tokens_per_frame."""
         t = self.tokens_per_frame
-        return self.frame_mask(device).repeat_interleave(t, 0).repeat_interleave(t, 1)
+        if self.shards == 1:
+            return self.frame_mask(device).repeat_interleave(t, 0).repeat_interleave(t, 1)
+        frames = self.token_frames(torch.arange(self.num_frames * t, device=device))  # [L]
+        return self.frame_mask(device)[frames[:, None], frames[None, :]]
 
 
 @functools.cache
@@ -125,8 +138,18 @@ def _flex_block_mask(spec: BlockCausalSpec, device: torch.device):
     padded_mask[:frames, :frames] = spec.frame_mask(device)  # [F+1, F+1]: the extra frame is padding
     padded_len = -(-frames * t // FLEX_BLOCK) * FLEX_BLOCK
 
+    if spec.shards == 1:
+
+        def frame_of(idx):
+            return (idx // t).clamp(max=frames)
+
+    else:
+
+        def frame_of(idx):  # (shard, frame, token) order; indices past the sequence are padding
+            return torch.where(idx < frames * t, spec.token_frames(idx), frames)
+
     def mask_mod(b, h, q_idx, kv_idx):
-        return padded_mask[(q_idx // t).clamp(max=frames), (kv_idx // t).clamp(max=frames)]
+        return padded_mask[frame_of(q_idx), frame_of(kv_idx)]
 
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=padded_len, KV_LEN=padded_len, device=device)
 

@@ -182,20 +182,35 @@ class CausalWanModel(WanModel):
         -> flow [B, out_dim, F, H, W].
 
         With kv_cache: x, t, y and add_condition hold only this block's frames (slice the clip's pose tokens
-        with wan.modules.pose.pose_tokens_for_frames).
+        with wan.modules.pose.pose_tokens_for_frames). Under sequence parallelism the full forward is split over
+        the group; a cached call without gradient runs whole on every rank, one with gradient is an error.
         """
-        tokens, grid = self.embed_video(x, y, add_condition)
+        sp = self.sequence_parallel
+        if sp is not None and kv_cache is not None:
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    "sequence parallelism splits the full-sequence forward (training, teacher sampling), not the "
+                    "KV-cache path with gradient (Self-Forcing rollouts, teacher forcing): set "
+                    "train.sequence_parallel=1 for this stage"
+                )
+            sp = None  # cached sampling without gradient runs whole on every rank of the group (the same result)
+        tokens, grid = self.embed_video(x, y, add_condition, sp)
         frames, h, w = grid
         e, e0 = self.time_embedding_per_frame(t, frames, guidance)
         rope = rope_angles(self.head_dim, current_start_frame, grid, x.device)
 
         if kv_cache is None:
             spec = BlockCausalSpec(frames, h * w, self.num_frame_per_block, self.local_attn_size, self.sink_size)
+            if sp is not None:
+                context, clip_fea = sp.sum_grad(context), sp.sum_grad(clip_fea)
+                spec = sp.block_causal_spec(spec)
             cross = CrossContext(*self.embed_context(context, clip_fea))
 
             def attend(q, k, v, layer):
                 return block_causal_attention(q, k, v, spec)
 
+            if sp is not None:
+                rope, attend = sp.shard_rope(rope, frames), sp.attention(attend)
         else:
             kv_cache.check_block(x.shape[0], current_start_frame, frames, h * w)
             cross = self._cached_cross(kv_cache, context, clip_fea)
@@ -204,7 +219,7 @@ class CausalWanModel(WanModel):
                 return kv_cache.attend(layer, q, k, v, current_start_frame)
 
         tokens = self.run_blocks(tokens, e0, cross, rope, attend)
-        return self.unpatchify(self.head(tokens, e), grid)
+        return self.unpatchify(self.output(tokens, e, grid, sp), grid)
 
     def _cached_cross(self, cache: KVCache, context: torch.Tensor, clip_fea: torch.Tensor | None) -> CrossContext:
         """Cross-attention K/V computed once per clip into the cache. Under autograd they are recomputed each

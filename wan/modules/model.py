@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from wan.modules import pose as pose_mod
 from wan.modules.attention import attention
+from wan.modules.sequence_parallel import SequenceParallel
 
 # attend(q, k, v, layer_index) -> out, all [B, L, H, D]: how a block's self-attention sees its keys.
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -322,6 +323,8 @@ class WanModel(nn.Module):
         if self.head_dim % 2 or min(rope_axis_dims(self.head_dim)) < 1:
             raise ValueError(f"head_dim={self.head_dim} is too small or odd for 3-axis RoPE (needs an even value >= 6)")
         self.gradient_checkpointing = False
+        # Ulysses sequence parallelism (wan/modules/sequence_parallel.py): None runs the whole sequence here.
+        self.sequence_parallel: SequenceParallel | None = None
 
         self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
@@ -452,9 +455,15 @@ class WanModel(nn.Module):
         return _linear_fp32(g[2], g[1](_linear_fp32(g[0], sinusoid)))
 
     def embed_video(
-        self, x: torch.Tensor, y: torch.Tensor | None, add_condition: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        add_condition: torch.Tensor | None,
+        sp: SequenceParallel | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """x [B, C, F, H, W] (+ y for i2v) -> tokens [B, F*h*w, dim] fp32 with pose tokens added; grid (F, h, w)."""
+        """x [B, C, F, H, W] (+ y for i2v) -> tokens [B, F*h*w, dim] fp32 with pose tokens added; grid (F, h, w).
+
+        With sp, only this rank's tokens [B, F*h*w/N, dim] are embedded (the patch embedding is per token)."""
         if self.model_type == "i2v":
             if y is None:
                 raise ValueError(
@@ -469,13 +478,28 @@ class WanModel(nn.Module):
         if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
             raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by the patch size {self.patch_size}")
         weight = self.patch_embedding.weight
-        tokens = self.patch_embedding(x.to(weight.dtype))  # [B, dim, F, h, w]
-        grid = tuple(tokens.shape[2:])
-        tokens = tokens.flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim]
+        if sp is None:
+            tokens = self.patch_embedding(x.to(weight.dtype))  # [B, dim, F, h, w]
+            grid = tuple(tokens.shape[2:])
+            tokens = tokens.flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim]
+        else:
+            grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+            sp.check(self.num_heads, grid)
+            patches = sp.shard(self.patchify(x), grid[0])  # [B, F*h*w/N, C*pt*ph*pw]
+            tokens = F.linear(patches.to(weight.dtype), weight.flatten(1), self.patch_embedding.bias).float()
         if add_condition is not None:
             pose_mod.check_pose_alignment(add_condition, grid)
+            if sp is not None:
+                add_condition = sp.shard(add_condition, grid[0])
             tokens = tokens + add_condition.float()
         return tokens, grid
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, F, H, W] -> patches [B, F*h*w, C*pt*ph*pw] in the patch embedding's weight order (C, pt, ph, pw)."""
+        b, c, f, h, w = x.shape
+        pt, ph, pw = self.patch_size
+        x = x.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return x.reshape(b, (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, F*h*w, pt*ph*pw*C] (C fastest) -> [B, C, F*pt, h*ph, w*pw]."""
@@ -508,14 +532,29 @@ class WanModel(nn.Module):
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, C, F, H, W] noisy latents, t [B] or [B, F], context [B, L, text_dim], guidance w [B] (CFG-distilled
-        models only) -> flow [B, out_dim, F, H, W]."""
-        tokens, grid = self.embed_video(x, y, add_condition)
+        models only) -> flow [B, out_dim, F, H, W].
+
+        Under sequence parallelism every rank of the group passes the same inputs and gets the whole output."""
+        sp = self.sequence_parallel
+        tokens, grid = self.embed_video(x, y, add_condition, sp)
         e, e0 = self.time_embedding_per_frame(t, grid[0], guidance)
+        if sp is not None:
+            context, clip_fea = sp.sum_grad(context), sp.sum_grad(clip_fea)
         ctx, ctx_img = self.embed_context(context, clip_fea)
         rope = rope_angles(self.head_dim, 0, grid, x.device)
 
         def full_attention(q, k, v, layer):
             return attention(q, k, v)
 
-        tokens = self.run_blocks(tokens, e0, CrossContext(ctx, ctx_img), rope, full_attention)
-        return self.unpatchify(self.head(tokens, e), grid)
+        attend = full_attention
+        if sp is not None:
+            rope, attend = sp.shard_rope(rope, grid[0]), sp.attention(full_attention)
+        tokens = self.run_blocks(tokens, e0, CrossContext(ctx, ctx_img), rope, attend)
+        return self.unpatchify(self.output(tokens, e, grid, sp), grid)
+
+    def output(
+        self, tokens: torch.Tensor, e: torch.Tensor, grid: tuple[int, int, int], sp: SequenceParallel | None
+    ) -> torch.Tensor:
+        """The head on the (local) tokens [B, F*h*w(/N), dim] -> [B, F*h*w, prod(patch)*out_dim], gathered under sp."""
+        out = self.head(tokens, e)
+        return out if sp is None else sp.gather(out, grid[0])
