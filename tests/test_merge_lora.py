@@ -470,7 +470,7 @@ def test_weight_file_and_sharded_writer_agree_with_safetensors(tmp_path):
     assert read_metadata(tmp_path / "ref.safetensors") == {"a": "b"}
     with WeightFile(tmp_path / "ref.safetensors") as weights:
         files = save_sharded(tmp_path / "out", weights.specs, weights.get, 16, {"m": "1"})
-    split = plan_shards(tensors, 16)
+        split = plan_shards(weights.specs, 16)
     assert [f.name for f in files] == list(split.filename_to_tensors) and len(files) > 1
     assert all(f.name.startswith("diffusion_pytorch_model-0000") for f in files)
     assert all(read_metadata(f) == {"m": "1"} for f in files)

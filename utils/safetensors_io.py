@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import StateDictSplit, split_torch_state_dict_into_shards
+from huggingface_hub import StateDictSplit, split_state_dict_into_shards_factory
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save_file
@@ -203,12 +203,20 @@ def check_free_space(folder: str | os.PathLike, needed_bytes: int) -> None:
 def plan_shards(
     specs: Mapping[str, torch.Tensor], max_shard_bytes: int, stem: str = "diffusion_pytorch_model"
 ) -> StateDictSplit:
-    """huggingface_hub's split of tensors (meta tensors are enough) into shards of at most `max_shard_bytes` (a
-    larger tensor gets its own), named officially: stem-00001-of-00007.safetensors ..., or stem.safetensors alone."""
+    """huggingface_hub's split of tensors (meta tensors are enough), in order, into shards of at most
+    `max_shard_bytes` (a larger tensor gets its own), named officially: stem-00001-of-00007.safetensors ..., or
+    stem.safetensors alone.
+
+    Sizes are the tensors' own bytes: split_torch_state_dict_into_shards's storage sizes and ids would also
+    import torch.distributed.tensor (~40 MB of RSS) for tensors that never share storage here.
+    """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    return split_torch_state_dict_into_shards(
-        dict(specs), filename_pattern=f"{stem}{{suffix}}{SAFETENSORS_SUFFIX}", max_shard_size=max_shard_bytes
+    return split_state_dict_into_shards_factory(
+        dict(specs),
+        get_storage_size=lambda tensor: tensor.nbytes,
+        filename_pattern=f"{stem}{{suffix}}{SAFETENSORS_SUFFIX}",
+        max_shard_size=max_shard_bytes,
     )
 
 
