@@ -49,7 +49,7 @@ from utils.config import DTYPES
 from utils.file_lock import LockHeldError, check_output_path, exit_on_sigterm, output_lock, process_alive
 from utils.pose import DWPoseDetector, DWPoseUnavailable, PoseSequence, align_pose, draw_pose_frames, load_keypoints
 from utils.pose.load import load_pose_frames
-from utils.safetensors_io import SAFETENSORS_SUFFIX, SafetensorsReader, resolve_checkpoint_files
+from utils.safetensors_io import SAFETENSORS_SUFFIX, open_safetensors, resolve_checkpoint_files
 from utils.text_cache import CachedTextEncoder
 from utils.video_io import VideoReadError, read_frames, read_image, read_video, write_video
 from utils.wan_wrapper import ImageEncoder, WanVAE
@@ -411,11 +411,12 @@ def check_weight_files(path: Path, flag: str) -> None:
         if file.suffix != SAFETENSORS_SUFFIX:
             continue
         try:
-            with SafetensorsReader(file):
+            with open_safetensors(file):
                 pass
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{flag} {file} is not a readable safetensors file ({str(e).splitlines()[0]}); "
-                             "download or export it again") from None  # fmt: skip
+        except ValueError as e:  # the message names the file and the fix
+            raise InputError(f"{flag} {str(e).splitlines()[0]}") from None
+        except OSError as e:
+            raise InputError(f"{flag} {file} cannot be read ({e}); check it or download it again") from None
 
 
 def load_networks(cfg: InferenceConfig, files: dict[str, Path], text_cache: Path, device, dtype):

@@ -24,8 +24,9 @@ from torch.utils.data import Dataset
 
 from pipeline.conditions import cfg_conditions, latent_shape
 from pipeline.rollout import DEFAULT_STEPS, Block, block_rollout, cfg_flow
+from utils.atomic_io import atomic_write_text
 from utils.dist import barrier
-from utils.safetensors_io import atomic_save_safetensors, atomic_write_text, load_file
+from utils.safetensors_io import atomic_save_safetensors, load_file
 from utils.scheduler import FlowFn, solve_flow_ode, unipc_grid
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.model import WanModel

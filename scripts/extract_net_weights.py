@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa:
 
 from trainer.checkpoint import MANIFEST, check_checkpoint, describe_error, load_dcp, read_dcp_metadata  # noqa: E402
 from utils.file_lock import LockHeldError, check_output_path, exit_on_sigterm, output_lock  # noqa: E402
-from utils.safetensors_io import TensorSpec, load_file, save_streaming  # noqa: E402
+from utils.safetensors_io import load_file, save_sharded  # noqa: E402
 from wan.checkpoint import to_canonical  # noqa: E402
 
 logger = logging.getLogger("extract_net_weights")
@@ -171,11 +171,10 @@ def extract(
     with output_lock(out):  # one writer per --out; a killed run's staging beside it is removed here
         sd = canonical_state_dict(load_role(checkpoint, role), f"{checkpoint}[{role}]")
         sd = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in sd.items()}
-        specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
         metadata = {"format": "pt", "source": str(checkpoint), "role": role}
-        files = save_streaming(out, specs, lambda spec: sd[spec.name], int(shard_gb * 1e9), metadata, overwrite)
-    total = sum(s.nbytes for s in specs)
-    logger.info("wrote %d tensors (%.3f GB) of %r from %s to %s", len(specs), total / 1e9, role, checkpoint, out)
+        files = save_sharded(out, sd, sd.__getitem__, int(shard_gb * 1e9), metadata, overwrite)
+    total = sum(v.nbytes for v in sd.values())
+    logger.info("wrote %d tensors (%.3f GB) of %r from %s to %s", len(sd), total / 1e9, role, checkpoint, out)
     return files
 
 

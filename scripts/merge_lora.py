@@ -1,7 +1,7 @@
-"""Merge a LoRA (UniAnimate, peft or kohya layout) into a Wan checkpoint, streaming one tensor at a time.
+"""Merge a LoRA (UniAnimate, peft or kohya layout) into a Wan checkpoint, one output shard at a time.
 
 Builds the distillation teacher: Wan2.1-I2V-14B + the UniAnimate-DiT LoRA, with the LoRA file's pose
-encoders copied into the output. Peak memory stays near the largest tensor, not the checkpoint.
+encoders copied into the output. Peak memory stays near the largest output shard, not the checkpoint.
 """
 
 from __future__ import annotations
@@ -28,14 +28,11 @@ from utils.file_lock import LockHeldError, check_output_path, exit_on_sigterm, o
 from utils.lora import LoraPlan, merge_diff, merge_lora_weight, plan_merge  # noqa: E402
 from utils.safetensors_io import (  # noqa: E402
     SAFETENSORS_SUFFIX,
-    SafetensorsReader,
-    TensorDictReader,
-    TensorSpec,
+    WeightFile,
     load_checkpoint,
-    open_weight_file,
     plan_shards,
     resolve_checkpoint_files,
-    save_streaming,
+    save_sharded,
 )
 
 logger = logging.getLogger("merge_lora")
@@ -50,42 +47,41 @@ class MergeError(ValueError):
 
 @dataclass
 class Base:
-    """The base checkpoint, opened: one reader per weight file and the file of every tensor."""
+    """The base checkpoint, opened: its weight files and the file of every tensor."""
 
     path: Path
-    readers: list[SafetensorsReader | TensorDictReader]
-    reader_of: dict[str, SafetensorsReader | TensorDictReader]
-    specs: list[TensorSpec]  # every tensor, in file then storage order (sequential reads)
+    files: list[WeightFile]
+    file_of: dict[str, WeightFile]
+    specs: dict[str, torch.Tensor]  # every tensor as a meta tensor, in file then storage order (sequential reads)
 
     def close(self) -> None:
-        for reader in self.readers:
-            reader.close()
+        for file in self.files:
+            file.close()
 
 
 def open_base(path: str | Path) -> Base:
     """Open every weight file of the base (single file, folder, or index) without reading tensor data."""
-    readers: list[SafetensorsReader | TensorDictReader] = []
-    reader_of: dict[str, SafetensorsReader | TensorDictReader] = {}
-    specs: list[TensorSpec] = []
+    files: list[WeightFile] = []
+    file_of: dict[str, WeightFile] = {}
+    specs: dict[str, torch.Tensor] = {}
     try:
-        for file in resolve_checkpoint_files(path):
+        for name in resolve_checkpoint_files(path):
             try:
-                reader = open_weight_file(file)
+                files.append(WeightFile(name))
             except Exception as err:
-                raise MergeError(f"cannot read base file {file}: {err}") from err
-            readers.append(reader)
-            for name, spec in reader.specs.items():
-                if name in reader_of:
-                    raise MergeError(f"base tensor {name!r} is in both {reader_of[name].path} and {file}")
-                reader_of[name] = reader
-                specs.append(spec)
+                raise MergeError(f"cannot read base file {name}: {err}") from err
+            for key, spec in files[-1].specs.items():
+                if key in file_of:
+                    raise MergeError(f"base tensor {key!r} is in both {file_of[key].path} and {name}")
+                file_of[key] = files[-1]
+                specs[key] = spec
     except BaseException:
-        for reader in readers:
-            reader.close()
+        for file in files:
+            file.close()
         raise
     if not specs:
         raise MergeError(f"base {path} holds no tensors")
-    return Base(Path(path), readers, reader_of, specs)
+    return Base(Path(path), files, file_of, specs)
 
 
 def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -111,43 +107,53 @@ def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     return tensors, config
 
 
-def output_specs(base: Base, plan: LoraPlan, lora: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[TensorSpec]:
-    """Every output tensor: base tensors (floating ones cast to `dtype`), then the LoRA file's copies.
+def _meta(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=dtype or tensor.dtype, device="meta")
+
+
+def output_specs(
+    base: Base, plan: LoraPlan, lora: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Every output tensor as a meta tensor: base tensors (floating ones cast to `dtype`), then the LoRA file's copies.
 
     Copied tensors keep their dtype (byte-for-byte), also where they replace a base tensor.
     """
-    specs = []
-    for spec in base.specs:
-        if spec.name in plan.copies:
-            copy = lora[plan.copies[spec.name]]
-            specs.append(TensorSpec(spec.name, copy.dtype, tuple(copy.shape)))
+    specs = {}
+    for name, spec in base.specs.items():
+        if name in plan.copies:
+            specs[name] = _meta(lora[plan.copies[name]])
         else:
-            specs.append(TensorSpec(spec.name, dtype if spec.dtype.is_floating_point else spec.dtype, spec.shape))
-    base_names = set(base.reader_of)
+            specs[name] = _meta(spec, dtype if spec.dtype.is_floating_point else spec.dtype)
     for name, key in sorted(plan.copies.items()):
-        if name not in base_names:
-            specs.append(TensorSpec(name, lora[key].dtype, tuple(lora[key].shape)))
+        if name not in base.specs:
+            specs[name] = _meta(lora[key])
     return specs
 
 
 def make_producer(
-    base: Base, plan: LoraPlan, lora: Mapping[str, torch.Tensor], strength: float, device: torch.device
-) -> Callable[[TensorSpec], torch.Tensor]:
-    """The function that computes one output tensor from its spec (read, merge on `device`, cast)."""
+    base: Base,
+    plan: LoraPlan,
+    lora: Mapping[str, torch.Tensor],
+    specs: Mapping[str, torch.Tensor],
+    strength: float,
+    device: torch.device,
+) -> Callable[[str], torch.Tensor]:
+    """The function that computes one output tensor by name (read, merge on `device`, cast to its spec's dtype)."""
 
-    def produce(spec: TensorSpec) -> torch.Tensor:
-        if spec.name in plan.copies:
-            return lora[plan.copies[spec.name]]
-        weight = base.reader_of[spec.name].get(spec.name)
-        target = plan.targets.get(spec.name)
+    def produce(name: str) -> torch.Tensor:
+        if name in plan.copies:
+            return lora[plan.copies[name]]
+        dtype = specs[name].dtype
+        weight = base.file_of[name].get(name)
+        target = plan.targets.get(name)
         if target is None:
-            return weight.to(spec.dtype)
+            return weight.to(dtype)
         weight = weight.to(device)
         parts = [lora[key].to(device) for key in target.keys]
         if target.kind == "diff":
-            merged = merge_diff(weight, parts[0], strength, spec.dtype)
+            merged = merge_diff(weight, parts[0], strength, dtype)
         else:
-            merged = merge_lora_weight(weight, parts[0], parts[1], target.scale, spec.dtype)
+            merged = merge_lora_weight(weight, parts[0], parts[1], target.scale, dtype)
         return merged.cpu()
 
     return produce
@@ -161,14 +167,14 @@ def describe_plan(
     base: Base,
     plan: LoraPlan,
     lora: Mapping[str, torch.Tensor],
-    specs: Sequence[TensorSpec],
+    specs: Mapping[str, torch.Tensor],
     args: argparse.Namespace,
 ) -> list[str]:
     """The plan as lines of text: targets grouped by block pattern, copies, replacements, problems."""
     lines = [
-        f"base: {base.path} ({len(base.readers)} file(s), {len(base.specs)} tensors, "
-        f"{sum(s.nbytes for s in base.specs) / 1e9:.3f} GB, dtypes "
-        f"{dict(Counter(str(s.dtype).removeprefix('torch.') for s in base.specs))})",
+        f"base: {base.path} ({len(base.files)} file(s), {len(base.specs)} tensors, "
+        f"{sum(s.nbytes for s in base.specs.values()) / 1e9:.3f} GB, dtypes "
+        f"{dict(Counter(str(s.dtype).removeprefix('torch.') for s in base.specs.values()))})",
         f"lora: {args.lora} ({len(lora)} tensors; layout {', '.join(plan.layouts) or 'no LoRA keys'})",
     ]
     groups = Counter(
@@ -185,11 +191,11 @@ def describe_plan(
         lines.append(f"of those, {len(plan.replaced)} REPLACE the base tensor of the same name: {plan.replaced}")
     untouched = len(base.specs) - len(plan.targets) - len(plan.replaced)
     lines.append(f"unchanged base tensors (cast to {args.dtype} if floating): {untouched}")
-    total = sum(s.nbytes for s in specs)
+    total = sum(s.nbytes for s in specs.values())
     if Path(args.out).suffix == SAFETENSORS_SUFFIX:
-        layout = "one file"
+        layout = "one file, held in memory whole while written"
     else:
-        num_shards = len(plan_shards(specs, shard_bytes(args.shard_size)))
+        num_shards = len(plan_shards(specs, shard_bytes(args.shard_size)).filename_to_tensors)
         layout = f"{num_shards} shard(s) of <= {args.shard_size:g} GB + index"
     lines.append(f"output: {args.out} ({layout}, {len(specs)} tensors, {total / 1e9:.3f} GB)")
     lines.append(f"problems: {len(plan.problems)}" + ("" if plan.problems else " (none)"))
@@ -226,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         metavar="PATH",
-        help="output: a path ending in .safetensors writes one file; anything else a folder of shards "
-        "(diffusion_pytorch_model-0000i-of-0000N.safetensors + index), the official layout",
+        help="output: a path ending in .safetensors writes one file (built in memory whole: use a folder for a "
+        "large model); anything else a folder of shards (diffusion_pytorch_model-0000i-of-0000N.safetensors + "
+        "index, the official layout), built one shard at a time",
     )
     parser.add_argument(
         "--alpha",
@@ -258,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-size",
         type=float,
         default=10.0,
-        help="largest output shard in GB, folder output only (default: %(default)s)",
+        help="largest output shard in GB, folder output only; the merge holds about one shard in memory "
+        "(default: %(default)s)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     parser.add_argument(
@@ -318,7 +326,8 @@ def merge(args: argparse.Namespace, out: Path, device: torch.device, dtype: torc
     lora, peft_config = load_lora(args.lora)
     base = open_base(args.base)
     try:
-        plan = plan_merge(lora, {s.name: s.shape for s in base.specs}, args.alpha, args.lora_alpha, peft_config)
+        plan = plan_merge(lora, {k: tuple(s.shape) for k, s in base.specs.items()}, args.alpha, args.lora_alpha,
+                          peft_config)  # fmt: skip
         specs = output_specs(base, plan, lora, dtype)
         report = describe_plan(base, plan, lora, specs, args)
         if args.dry_run:
@@ -340,16 +349,16 @@ def merge(args: argparse.Namespace, out: Path, device: torch.device, dtype: torc
             "merged_lora": str(args.lora),
             "merge_strength": repr(args.alpha),
         }
-        produce = make_producer(base, plan, lora, args.alpha, device)
-        with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="merge") as bar:
-            files = save_streaming(
+        produce = make_producer(base, plan, lora, specs, args.alpha, device)
+        with tqdm(total=sum(s.nbytes for s in specs.values()), unit="B", unit_scale=True, desc="merge") as bar:
+            files = save_sharded(
                 out,
                 specs,
                 produce,
                 shard_bytes(args.shard_size),
                 metadata,
                 overwrite=args.overwrite,
-                on_tensor=lambda spec: bar.update(spec.nbytes),
+                on_tensor=lambda tensor: bar.update(tensor.nbytes),
             )
         logger.info("wrote %d file(s) to %s", len(files), out)
         return 0

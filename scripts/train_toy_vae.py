@@ -26,7 +26,6 @@ import functools
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ from omegaconf.errors import ConfigKeyError  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from utils.atomic_io import atomic_output  # noqa: E402
 from utils.dist import all_reduce_mean, average_gradients, barrier, destroy, init_distributed  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
 from utils.safetensors_io import load_file  # noqa: E402
@@ -331,11 +331,9 @@ def evaluate(vae: AutoencoderKLWan, clips: Dataset, device: torch.device) -> dic
 
 
 def save_state(path: Path, vae: AutoencoderKLWan, opt: torch.optim.Optimizer, step: int) -> None:
-    """Training state after `step` steps, written through a temp file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"vae": vae.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
-    os.replace(tmp, path)
+    """Training state after `step` steps, written atomically."""
+    with atomic_output(path, overwrite=True) as tmp:
+        torch.save({"vae": vae.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
 
 
 def lr_at(step: int, cfg: DictConfig) -> float:

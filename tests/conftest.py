@@ -26,6 +26,11 @@ def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.
     return model
 
 
+def raw_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of a tensor as a weight file stores them (byte-for-byte comparisons of any dtype and shape)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 

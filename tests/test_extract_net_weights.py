@@ -6,20 +6,16 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize, tiny_inputs
+from conftest import randomize, raw_bytes, tiny_inputs
 from safetensors.torch import load_file as st_load
 
 from scripts.extract_net_weights import ExtractError, extract, main
 from trainer.checkpoint import CheckpointManager
-from utils.safetensors_io import load_checkpoint, read_metadata, tensor_bytes
+from utils.safetensors_io import load_checkpoint, read_metadata
 from wan.checkpoint import load_weights
 from wan.configs import build_model
 
 log = logging.getLogger(__name__)
-
-
-def _bytes(t: torch.Tensor) -> bytes:
-    return bytes(tensor_bytes(t))
 
 
 def network(seed: int) -> dict[str, torch.Tensor]:
@@ -50,7 +46,7 @@ def roles():
 def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert got.keys() == want.keys()
     for k, v in want.items():
-        assert got[k].dtype == v.dtype and _bytes(got[k]) == _bytes(v), k
+        assert got[k].dtype == v.dtype and raw_bytes(got[k]) == raw_bytes(v), k
 
 
 SINGLE_PROCESS = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")

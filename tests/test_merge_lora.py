@@ -11,22 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, randomize, tiny_inputs, tiny_pose
+from conftest import ROOT, randomize, raw_bytes, tiny_inputs, tiny_pose
 from safetensors.torch import load_file as st_load
 from safetensors.torch import save_file
 
 from scripts import merge_lora
 from scripts.merge_lora import MergeError, build_parser, main, run
+from utils.atomic_io import atomic_output
 from utils.lora import lora_delta, lora_scale, merge_lora_weight, parse_lora_key, plan_merge
-from utils.safetensors_io import (
-    SafetensorsReader,
-    TensorSpec,
-    atomic_output,
-    load_checkpoint,
-    plan_shards,
-    save_streaming,
-    tensor_bytes,
-)
+from utils.safetensors_io import WeightFile, load_checkpoint, plan_shards, read_metadata, save_sharded
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +33,6 @@ BLOCK_LINEARS = {  # official block linears: name -> (out, in)
 LORA_MODULES = [  # UniAnimate's targets: self/cross q, k, v, o and the FFN (not k_img / v_img)
     f"blocks.{i}.{m}" for i in range(LAYERS) for m in BLOCK_LINEARS if not m.endswith("_img")
 ]
-
-
-def _bytes(t: torch.Tensor) -> bytes:
-    return bytes(tensor_bytes(t))
 
 
 def official_base(dim: int = DIM, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -247,7 +236,7 @@ def test_merge_matches_formula_every_layout(tmp_path, layout, alpha):
         if k not in targets:
             assert torch.equal(merged[k], v), k
     for k, v in extras.items():  # pose encoders: same dtype, same bytes
-        assert merged[k].dtype == v.dtype and _bytes(merged[k]) == _bytes(v), k
+        assert merged[k].dtype == v.dtype and raw_bytes(merged[k]) == raw_bytes(v), k
     assert leftovers(tmp_path) == []
 
 
@@ -266,7 +255,7 @@ def test_output_dtype_bfloat16(tmp_path):
     assert merged["patch_embedding.weight"].dtype == torch.bfloat16
     assert torch.equal(merged["patch_embedding.weight"], base["patch_embedding.weight"].bfloat16())
     for k, v in extras.items():
-        assert merged[k].dtype == torch.float32 and _bytes(merged[k]) == _bytes(v)
+        assert merged[k].dtype == torch.float32 and raw_bytes(merged[k]) == raw_bytes(v)
 
 
 def write_official_shards(folder: Path, sd: dict[str, torch.Tensor], num: int) -> None:
@@ -305,11 +294,11 @@ def test_sharded_round_trip(tmp_path):
     assert merge("--base", tmp_path / "base", "--lora", lora, "--out", single) == 0
     from_shards, from_single = load_checkpoint(out), st_load(single)
     assert from_shards.keys() == from_single.keys()
-    assert all(_bytes(from_shards[k]) == _bytes(from_single[k]) for k in from_single)
+    assert all(raw_bytes(from_shards[k]) == raw_bytes(from_single[k]) for k in from_single)
     # our sharded output is itself a valid base: merging a zero-strength LoRA gives it back unchanged
     again = tmp_path / "again"
     assert merge("--base", out, "--lora", lora, "--out", again, "--alpha", 0.0, "--shard-size", shard_gb) == 0
-    assert all(_bytes(v) == _bytes(from_single[k]) for k, v in load_checkpoint(again).items())
+    assert all(raw_bytes(v) == raw_bytes(from_single[k]) for k, v in load_checkpoint(again).items())
 
 
 def test_dry_run_reports_plan_and_writes_nothing(tmp_path, caplog):
@@ -461,34 +450,44 @@ def test_help_documents_every_flag():
 # ----------------------------------------------------------------------------- streaming IO
 
 
-def test_streaming_reader_and_writer_agree_with_safetensors(tmp_path):
+def test_weight_file_and_sharded_writer_agree_with_safetensors(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {
         "f32": torch.randn(3, 4, generator=g), "bf16": torch.randn(5, generator=g).bfloat16(),
         "f16": torch.randn(2, 2, generator=g).half(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
-        "bool": torch.tensor([True, False, True]), "i64": torch.arange(7),
+        "empty_inner": torch.zeros(3, 0), "bool": torch.tensor([True, False, True]), "i64": torch.arange(7),
         "f8": torch.randn(4, generator=g).to(torch.float8_e4m3fn),
     }  # fmt: skip
     save_file(tensors, tmp_path / "ref.safetensors", metadata={"a": "b"})
-    with SafetensorsReader(tmp_path / "ref.safetensors") as reader:
-        assert reader.metadata == {"a": "b"}
-        for k, v in tensors.items():
-            got = reader.get(k)
-            assert got.dtype == v.dtype and got.shape == v.shape and _bytes(got) == _bytes(v), k
-        specs = list(reader.specs.values())
-        files = save_streaming(tmp_path / "out", specs, lambda s: reader.get(s.name), 16, {"m": "1"})
-    assert len(files) == len(plan_shards(specs, 16)) > 1
+    torch.save(tensors, tmp_path / "ref.pth")
+    for ref in ("ref.safetensors", "ref.pth"):
+        with WeightFile(tmp_path / ref) as weights:
+            assert set(weights.specs) == set(tensors), ref
+            for k, v in tensors.items():
+                spec, got = weights.specs[k], weights.get(k)
+                assert spec.device.type == "meta" and spec.dtype == v.dtype and spec.shape == v.shape, (ref, k)
+                assert got.dtype == v.dtype and got.shape == v.shape and raw_bytes(got) == raw_bytes(v), (ref, k)
+    assert read_metadata(tmp_path / "ref.safetensors") == {"a": "b"}
+    with WeightFile(tmp_path / "ref.safetensors") as weights:
+        files = save_sharded(tmp_path / "out", weights.specs, weights.get, 16, {"m": "1"})
+        split = plan_shards(weights.specs, 16)
+    assert [f.name for f in files] == list(split.filename_to_tensors) and len(files) > 1
+    assert all(f.name.startswith("diffusion_pytorch_model-0000") for f in files)
+    assert all(read_metadata(f) == {"m": "1"} for f in files)
     back = load_checkpoint(tmp_path / "out")
-    assert all(_bytes(back[k]) == _bytes(v) and back[k].dtype == v.dtype for k, v in tensors.items())
-    with pytest.raises(ValueError, match="produced"):  # a producer that breaks the plan fails at its tensor
-        save_streaming(
-            tmp_path / "bad.safetensors", [TensorSpec("x", torch.float32, (2,))], lambda s: torch.zeros(3), 1
-        )
+    assert back.keys() == tensors.keys()
+    assert all(raw_bytes(back[k]) == raw_bytes(v) and back[k].dtype == v.dtype for k, v in tensors.items())
+    planned = {"x": torch.empty(2, device="meta")}
+    with pytest.raises(ValueError, match=r"'x': produced torch.float32 \[3\]"):  # a wrong plan fails at its tensor
+        save_sharded(tmp_path / "bad.safetensors", planned, lambda name: torch.zeros(3), 1)
     assert not (tmp_path / "bad.safetensors").exists() and leftovers(tmp_path) == []
     with pytest.raises(KeyboardInterrupt), atomic_output(tmp_path / "never") as staging:
         staging.write_text("partial")
         raise KeyboardInterrupt
     assert not (tmp_path / "never").exists() and leftovers(tmp_path) == []
+    (tmp_path / "ref.safetensors").write_bytes((tmp_path / "ref.safetensors").read_bytes()[:-3])
+    with pytest.raises(ValueError, match="ref.safetensors is not a readable safetensors file"):
+        WeightFile(tmp_path / "ref.safetensors")
 
 
 # ----------------------------------------------------------------------------- memory
@@ -627,7 +626,7 @@ def test_merged_teacher_equals_base_with_peft_adapter(tmp_path, lora_alpha):
             worst = max(worst, (merged_sd[f"{module}.weight"].double() - want).abs().max().item())
     assert worst < 1e-6
     for k, v in pose.items():
-        assert _bytes(merged_sd[k]) == _bytes(v), k
+        assert raw_bytes(merged_sd[k]) == raw_bytes(v), k
 
     merged = build_model("tiny_teacher").eval()
     load_weights(merged, out)

@@ -573,8 +573,9 @@ def test_8_sigterm_leaves_no_temp_folder_and_a_later_run_removes_a_killed_ones(t
     live = temp / f"poseforcing-random-{os.getpid()}-ijklmnop"
     live.mkdir()
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / ".video.tmp-abcdefgh.mp4"
-    partial.write_bytes(b"half a video")
+    partial = out.parent / ".video.mp4.abcdefgh.tmp"  # utils.atomic_io's staging folder, with the half video
+    partial.mkdir()
+    (partial / "video.mp4").write_bytes(b"half a video")
     lock = {"pid": dead.pid, "host": socket.gethostname(), "start": None, "since": time.time()}
     (out.parent / ".video.mp4.lock").write_text(json.dumps(lock))
     monkeypatch.setattr("tempfile.tempdir", str(temp))

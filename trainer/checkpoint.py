@@ -30,10 +30,10 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from utils.atomic_io import atomic_write_text
 from utils.config import ConfigError
 from utils.dist import barrier, is_distributed
 from utils.file_lock import LockHeldError, PathLock
-from utils.safetensors_io import atomic_write_text
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.config import ConfigError
-from utils.safetensors_io import SafetensorsReader, load_file
+from utils.safetensors_io import load_file, open_safetensors
 from utils.scheduler import add_noise
 from wan.configs import get_config
 
@@ -111,8 +111,8 @@ class CheckedSamples(Dataset):
         keys: dict[int, frozenset[str]] = {}
         for i, path in enumerate(self.files):
             try:
-                with SafetensorsReader(path) as reader:
-                    keys[i] = frozenset(reader.specs)
+                with open_safetensors(path) as f:
+                    keys[i] = frozenset(f.keys())
             except Exception as err:  # any header the reader rejects: the file is not a usable sample
                 self._mark(i, _one_line(err).replace(f"{path}: ", "").replace(str(path), "the file"), check=False)
         counts = Counter(keys.values())

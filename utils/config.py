@@ -252,6 +252,6 @@ def validate_config(cfg: DictConfig | Mapping, schema: Mapping | None = None) ->
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
     """The resolved config, written atomically beside a run's outputs."""
-    from utils.safetensors_io import atomic_write_text
+    from utils.atomic_io import atomic_write_text
 
     atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), path)

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.atomic_io import atomic_write_text
 from utils.pose.keypoints import PoseSequence, save_keypoints
 from utils.synthetic_pose import WorldConfig, generate_sample
-from utils.video_io import atomic_path, read_image, read_video, write_image, write_video
+from utils.video_io import read_image, read_video, write_image, write_video
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +190,7 @@ def write_sample(
 
 def write_index(root: str | Path, entries: list[dict]) -> None:
     """Write root/index.jsonl atomically."""
-    with atomic_path(Path(root) / INDEX_NAME) as tmp:
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    atomic_write_text("".join(json.dumps(e) + "\n" for e in entries), Path(root) / INDEX_NAME)
 
 
 class SyntheticWorldDataset(Dataset):

@@ -208,15 +208,14 @@ class PathLock:
 
 
 def output_lock(out: str | os.PathLike, flag: str = "--out") -> PathLock:
-    """The lock of an output path written through a temp file or staging folder beside it (utils.safetensors_io,
-    utils.video_io): `.<name>.lock`; the partial outputs of a dead writer are that name's temp entries."""
+    """The lock of an output path written through a staging folder beside it (utils.atomic_io): `.<name>.lock`;
+    the partial outputs of a dead writer are that name's staging entries."""
     out = Path(out).absolute()
     return PathLock(
         out.parent / f".{out.name}.lock",
         f"{flag} {out}",
         f"wait for it to finish or choose another {flag}",
-        # tempfile's names: 8 random characters (the staging of utils.safetensors_io and utils.video_io)
-        partials=(f".{glob.escape(out.name)}.{'?' * 8}.tmp", f".{glob.escape(out.stem)}.tmp-{'?' * 8}{out.suffix}"),
+        partials=(f".{glob.escape(out.name)}.{'?' * 8}.tmp",),  # utils.atomic_io's staging: 8 random characters
     )
 
 

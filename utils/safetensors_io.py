@@ -1,6 +1,7 @@
-"""Low-level weight-file IO: find the files of a checkpoint, read them, write them atomically.
+"""Low-level weight-file IO: find the files of a checkpoint, read them, write them atomically and in shards.
 
-Format knowledge (key names, layouts) lives in wan/checkpoint.py; this module only moves tensors.
+The libraries do the format: safetensors reads and writes the files, huggingface_hub plans the shards and the
+index. Format knowledge (key names, layouts) lives in wan/checkpoint.py; this module only moves tensors.
 """
 
 from __future__ import annotations
@@ -8,20 +9,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
-import sys
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from huggingface_hub import StateDictSplit, split_state_dict_into_shards_factory
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save_file
+
+from utils.atomic_io import atomic_output
+from utils.atomic_io import atomic_write_text as atomic_write_text  # re-exported: callers import it from here
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
+INDEX_SUFFIX = ".safetensors.index.json"
 
 
 def resolve_checkpoint_files(path: str | os.PathLike) -> list[Path]:
@@ -37,7 +41,7 @@ def resolve_checkpoint_files(path: str | os.PathLike) -> list[Path]:
         if path.name.endswith(".index.json"):
             return _files_from_index(path)
         return [path]
-    indexes = sorted(path.glob("*.safetensors.index.json"))
+    indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
     if len(indexes) == 1:
         return _files_from_index(indexes[0])
     if len(indexes) > 1:
@@ -45,7 +49,7 @@ def resolve_checkpoint_files(path: str | os.PathLike) -> list[Path]:
     files = sorted(p for p in path.iterdir() if p.suffix == SAFETENSORS_SUFFIX or p.suffix in PICKLE_SUFFIXES)
     if len(files) != 1:
         raise ValueError(
-            f"{path} holds {len(files)} weight files and no *.safetensors.index.json: "
+            f"{path} holds {len(files)} weight files and no *{INDEX_SUFFIX}: "
             "pass the file to load, or add the index of the shards"
         )
     return files
@@ -63,15 +67,39 @@ def _files_from_index(index_path: Path) -> list[Path]:
     return files
 
 
+# --- Reading -----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def open_safetensors(path: str | os.PathLike, backend: str = "mmap") -> Iterator[Any]:
+    """safe_open(path) for torch, its header validated, with a rejection as a ValueError that names the file.
+
+    backend "pread" reads each tensor into fresh memory of its own; "mmap" maps the file, and every page read
+    then stays in the process's RSS until the file is closed.
+    """
+    try:
+        handle = safe_open(str(path), framework="pt", backend=backend)
+    except SafetensorError as err:
+        raise _unreadable(path, err) from None
+    with handle:
+        yield handle
+
+
+def _unreadable(path: str | os.PathLike, err: Exception) -> ValueError:
+    return ValueError(
+        f"{path} is not a readable safetensors file ({err}): the file is truncated or not safetensors; "
+        "download or write it again"
+    )
+
+
 def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
     """Read one weight file (safetensors, or a torch pickle loaded with weights_only) into a dict."""
     path = Path(path)
     if path.suffix == SAFETENSORS_SUFFIX:
-        out = {}
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-        return out
+        try:
+            return _load_safetensors(path, device=str(device))
+        except SafetensorError as err:
+            raise _unreadable(path, err) from None
     if path.suffix in PICKLE_SUFFIXES:
         try:
             return torch.load(path, map_location=device, weights_only=True, mmap=True)
@@ -80,16 +108,11 @@ def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> di
     raise ValueError(f"cannot read {path}: expected a .safetensors file or a torch file ({', '.join(PICKLE_SUFFIXES)})")
 
 
-def iter_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Iterator[tuple[Path, dict]]:
-    """Yield (file, tensors) one weight file at a time, so a large sharded checkpoint never sits in RAM twice."""
-    for file in resolve_checkpoint_files(path):
-        yield file, load_file(file, device)
-
-
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
     """Read every weight file of a checkpoint into one dict; a key present in two shards is an error."""
     merged: dict = {}
-    for file, tensors in iter_checkpoint(path, device):
+    for file in resolve_checkpoint_files(path):
+        tensors = load_file(file, device)
         clash = merged.keys() & tensors.keys()
         if clash:
             raise ValueError(f"{file} repeats keys already read from another shard: {sorted(clash)[:5]}")
@@ -97,302 +120,71 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return merged
 
 
-def _atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
-) -> None:
-    """Write a safetensors file through a temp file in the same folder and an atomic rename."""
-    _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write a text file (configs, manifests) atomically."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file ({} when it has none)."""
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         return dict(f.metadata() or {})
 
 
-# --- Streaming IO: one tensor in RAM at a time --------------------------------------------------------
-# safe_open memory-maps the whole file, and every page a merge touches then stays in the process's RSS
-# until the file is closed. The reader and writer below use plain reads and writes of one tensor's
-# bytes, so rewriting a 57 GB checkpoint needs about one tensor of memory, not one file.
+class WeightFile:
+    """One weight file opened for reading one tensor at a time, without reading any tensor up front.
 
-_DTYPE_TO_ST = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint64: "U64",
-    torch.uint32: "U32",
-    torch.uint16: "U16",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
-_HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format's own cap on the JSON header
-INDEX_SUFFIX = ".safetensors.index.json"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What a writer must know about a tensor before its bytes exist: name, dtype and shape."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * self.dtype.itemsize
-
-
-class SafetensorsReader:
-    """Random access to the tensors of one safetensors file through plain reads (no mmap).
-
-    Each `get` allocates exactly that tensor, so a caller that drops it keeps RSS near one tensor.
+    `specs` holds every tensor as a meta tensor (name -> dtype and shape), in storage order. Safetensors files
+    are read through safe_open's pread backend, so each `get` allocates exactly that tensor and a caller that
+    drops it keeps RSS near one tensor; torch files are loaded as a memory-mapped dict (weights_only).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._file = open(self.path, "rb")
-        try:
-            self.specs, self._offsets, self.metadata = self._read_header()
-        except BaseException:
-            self._file.close()
-            raise
-
-    def _read_header(self) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, int]], dict[str, str]]:
-        size_bytes = self._file.read(8)
-        file_size = os.fstat(self._file.fileno()).st_size
-        if len(size_bytes) != 8:
-            raise ValueError(f"{self.path} is not a safetensors file: shorter than its 8-byte header length")
-        (header_len,) = struct.unpack("<Q", size_bytes)
-        if header_len > min(_HEADER_LIMIT, file_size - 8):
-            raise ValueError(
-                f"{self.path} is not a readable safetensors file (header length {header_len} for a file of "
-                f"{file_size} bytes): the file is truncated or not safetensors; download or write it again"
-            )
-        try:
-            header = json.loads(self._file.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(
-                f"{self.path} has a corrupt safetensors header ({err}): download or write it again"
-            ) from err
-        data_start = 8 + header_len
-        metadata = header.pop("__metadata__", None) or {}
-        specs: dict[str, TensorSpec] = {}
-        offsets: dict[str, tuple[int, int]] = {}
-        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            dtype = _ST_TO_DTYPE.get(entry["dtype"])
-            if dtype is None:
-                raise ValueError(
-                    f"{self.path}: tensor {name!r} has dtype {entry['dtype']}, which this reader does not "
-                    f"support (supported: {sorted(_ST_TO_DTYPE)}); convert the file to one of them"
-                )
-            spec = TensorSpec(name, dtype, tuple(int(s) for s in entry["shape"]))
-            begin, end = entry["data_offsets"]
-            if end - begin != spec.nbytes or data_start + end > file_size:
-                raise ValueError(
-                    f"{self.path}: tensor {name!r} claims bytes [{begin}, {end}) that do not fit its shape "
-                    f"{list(spec.shape)} {entry['dtype']} or the file ({file_size} bytes): the file is "
-                    "corrupt or truncated; download or write it again"
-                )
-            specs[name] = spec
-            offsets[name] = (data_start + begin, data_start + end)
-        return specs, offsets, metadata
+        self._stack = ExitStack()
+        if self.path.suffix == SAFETENSORS_SUFFIX:
+            handle = self._stack.enter_context(open_safetensors(self.path, backend="pread"))
+            self._get: Callable[[str], torch.Tensor] = handle.get_tensor
+            self.specs = {name: _meta_of(handle, name) for name in handle.offset_keys()}
+        else:
+            tensors = load_file(self.path)
+            bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+            if bad:
+                raise ValueError(f"{self.path} holds entries that are not tensors: {bad[:5]}; expected a state dict")
+            self._get = tensors.__getitem__
+            self.specs = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
+            self._stack.callback(tensors.clear)
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh CPU memory."""
+        """One tensor, on the CPU."""
         if name not in self.specs:
             raise KeyError(f"{self.path} has no tensor {name!r}")
-        spec = self.specs[name]
-        begin, end = self._offsets[name]
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
-        self._file.seek(begin)
-        got = self._file.readinto(memoryview(buffer.numpy()))
-        if got != end - begin:
-            raise ValueError(f"{self.path}: read {got} of {end - begin} bytes of {name!r}: the file is truncated")
-        if spec.nbytes == 0:
-            return torch.empty(spec.shape, dtype=spec.dtype)
-        return buffer.view(spec.dtype).reshape(spec.shape)
+        return self._get(name)
 
     def close(self) -> None:
-        self._file.close()
+        self._stack.close()
 
-    def __enter__(self) -> SafetensorsReader:
+    def __enter__(self) -> WeightFile:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-class TensorDictReader:
-    """The `SafetensorsReader` interface over a dict already loaded (e.g. a memory-mapped torch file)."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], path: str | os.PathLike):
-        self.path = Path(path)
-        bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
-        if bad:
-            raise ValueError(f"{self.path} holds entries that are not tensors: {bad[:5]}; expected a flat state dict")
-        self._tensors = tensors
-        self.specs = {k: TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()}
-        self.metadata: dict[str, str] = {}
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
-
-    def close(self) -> None:
-        self._tensors = {}
+def _meta_of(handle: Any, name: str) -> torch.Tensor:
+    """A meta tensor of a safetensors tensor's dtype and shape. The torch dtype comes from the library itself: an
+    empty slice reads no data (a scalar, or a tensor empty along dim 0, has no such slice and is read whole: at
+    most one element)."""
+    view = handle.get_slice(name)
+    shape = view.get_shape()
+    dtype = (view[:0] if shape and shape[0] else handle.get_tensor(name)).dtype
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def open_weight_file(path: str | os.PathLike) -> SafetensorsReader | TensorDictReader:
-    """A reader for one weight file: streaming for safetensors, a (memory-mapped) dict for torch files."""
-    path = Path(path)
-    if path.suffix == SAFETENSORS_SUFFIX:
-        return SafetensorsReader(path)
-    return TensorDictReader(load_file(path), path)
+# --- Writing -----------------------------------------------------------------------------------------------
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The little-endian bytes of a tensor as safetensors stores them (no copy when already contiguous)."""
-    if sys.byteorder != "little":
-        raise RuntimeError("safetensors is little-endian; writing it on a big-endian host is unsupported")
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def _header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
-    header: dict = {}
-    if metadata:
-        bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
-        if bad:
-            raise TypeError(f"safetensors metadata values must be strings; got {bad}")
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for spec in specs:
-        if spec.dtype not in _DTYPE_TO_ST:
-            raise ValueError(f"cannot write {spec.name!r}: dtype {spec.dtype} has no safetensors code")
-        header[spec.name] = {
-            "dtype": _DTYPE_TO_ST[spec.dtype],
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + spec.nbytes],
-        }
-        offset += spec.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
-
-
-def write_safetensors_streaming(
-    path: str | os.PathLike,
-    specs: Sequence[TensorSpec],
-    produce: Callable[[TensorSpec], torch.Tensor],
-    metadata: Mapping[str, str] | None = None,
-    on_tensor: Callable[[TensorSpec], None] | None = None,
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write a safetensors file whose header is known up front, asking `produce` for one tensor at a time.
-
-    Not atomic by itself: write inside `atomic_output`. `produce` must return exactly the spec's dtype and
-    shape (checked), so a wrong plan fails at its tensor with its name instead of writing a corrupt file.
-    """
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"duplicate tensor names planned for {path}: {repeated[:5]}")
-    header = _header_bytes(specs, metadata)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
-        for spec in specs:
-            tensor = produce(spec)
-            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                raise ValueError(
-                    f"{spec.name!r}: produced {tensor.dtype} {list(tensor.shape)}, planned {spec.dtype} "
-                    f"{list(spec.shape)} for {path}"
-                )
-            f.write(tensor_bytes(tensor))
-            del tensor
-            if on_tensor is not None:
-                on_tensor(spec)
-        expected = 8 + len(header) + sum(spec.nbytes for spec in specs)
-        if f.tell() != expected:
-            raise OSError(f"wrote {f.tell()} bytes to {path}, expected {expected}")
-
-
-def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Split tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    shards: list[list[TensorSpec]] = []
-    size = 0
-    for spec in specs:
-        if not shards or (size + spec.nbytes > max_shard_bytes and shards[-1]):
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards or [[]]
-
-
-def shard_names(stem: str, num_shards: int) -> list[str]:
-    """Official (Hugging Face / Wan) shard names: stem-00001-of-00007.safetensors ..."""
-    return [f"{stem}-{i + 1:05d}-of-{num_shards:05d}{SAFETENSORS_SUFFIX}" for i in range(num_shards)]
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a staging path beside `path`; on success move it to `path` (file or folder), else delete it.
-
-    Either the complete new output is at `path` or nothing new is: a crash, an error or Ctrl-C leaves
-    the old content (or nothing) there. Staging is in the same folder, so the final move is a rename.
-    """
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists: choose another output path or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        new = staging / path.name
-        yield new
-        if not new.exists():
-            raise FileNotFoundError(f"nothing was written to the staging path {new}")
-        if path.exists() and not (path.is_file() and new.is_file()):
-            old = staging / f"{path.name}.old"
-            os.rename(path, old)
-            try:
-                os.rename(new, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-        else:
-            os.replace(new, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """Write (or replace) a safetensors file through a staging path beside it and an atomic rename."""
+    with atomic_output(path, overwrite=True) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 def check_free_space(folder: str | os.PathLike, needed_bytes: int) -> None:
@@ -408,36 +200,76 @@ def check_free_space(folder: str | os.PathLike, needed_bytes: int) -> None:
         )
 
 
-def save_streaming(
+def plan_shards(
+    specs: Mapping[str, torch.Tensor], max_shard_bytes: int, stem: str = "diffusion_pytorch_model"
+) -> StateDictSplit:
+    """huggingface_hub's split of tensors (meta tensors are enough), in order, into shards of at most
+    `max_shard_bytes` (a larger tensor gets its own), named officially: stem-00001-of-00007.safetensors ..., or
+    stem.safetensors alone.
+
+    Sizes are the tensors' own bytes: split_torch_state_dict_into_shards's storage sizes and ids would also
+    import torch.distributed.tensor (~40 MB of RSS) for tensors that never share storage here.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    return split_state_dict_into_shards_factory(
+        dict(specs),
+        get_storage_size=lambda tensor: tensor.nbytes,
+        filename_pattern=f"{stem}{{suffix}}{SAFETENSORS_SUFFIX}",
+        max_shard_size=max_shard_bytes,
+    )
+
+
+def save_sharded(
     out: str | os.PathLike,
-    specs: Sequence[TensorSpec],
-    produce: Callable[[TensorSpec], torch.Tensor],
+    specs: Mapping[str, torch.Tensor],
+    produce: Callable[[str], torch.Tensor],
     max_shard_bytes: int,
     metadata: Mapping[str, str] | None = None,
     overwrite: bool = False,
     stem: str = "diffusion_pytorch_model",
-    on_tensor: Callable[[TensorSpec], None] | None = None,
+    on_tensor: Callable[[torch.Tensor], None] | None = None,
 ) -> list[Path]:
-    """Write tensors one at a time, atomically, to `out`: one file when it ends in .safetensors, else a
-    folder of shards + `<stem>.safetensors.index.json` (the official layout). Returns the files written.
+    """Write the tensors planned in `specs` (name -> a tensor of their dtype and shape, e.g. on "meta") atomically
+    to `out`, asking `produce(name)` for them one shard at a time, so at most one shard is in memory.
+
+    `out` ending in .safetensors is one file (the whole output is then the one shard in memory); anything else a
+    folder of shards + `<stem>.safetensors.index.json` (the official layout). A produced tensor whose dtype or
+    shape differs from its spec fails naming it, and nothing is left at `out`. Returns the files written.
     """
     out = Path(out).absolute()
-    check_free_space(out.parent, sum(spec.nbytes for spec in specs))
+    metadata = dict(metadata) if metadata else None
+    check_free_space(out.parent, sum(spec.nbytes for spec in specs.values()))
     with atomic_output(out, overwrite=overwrite) as staging:
         if out.suffix == SAFETENSORS_SUFFIX:
-            write_safetensors_streaming(staging, specs, produce, metadata, on_tensor)
-            names = [out.name]
-        else:
-            staging.mkdir()
-            shards = plan_shards(specs, max_shard_bytes)
-            names = shard_names(stem, len(shards))
-            for name, shard in zip(names, shards, strict=True):
-                write_safetensors_streaming(staging / name, shard, produce, metadata, on_tensor)
-            weight_map = {spec.name: n for n, shard in zip(names, shards, strict=True) for spec in shard}
-            index = {"metadata": {"total_size": sum(spec.nbytes for spec in specs)}, "weight_map": weight_map}
-            with open(staging / f"{stem}{INDEX_SUFFIX}", "w") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
-        for written in [staging] if staging.is_file() else [staging / n for n in names]:
-            with safe_open(str(written), framework="pt"):  # the library's own header validation
-                pass
-    return [out] if out.suffix == SAFETENSORS_SUFFIX else [out / name for name in names]
+            save_file(_produce_shard(list(specs), specs, produce, out, on_tensor), staging, metadata=metadata)
+            return [out]
+        split = plan_shards(specs, max_shard_bytes, stem)
+        staging.mkdir()
+        for name, keys in split.filename_to_tensors.items():
+            save_file(_produce_shard(keys, specs, produce, out, on_tensor), staging / name, metadata=metadata)
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (staging / f"{stem}{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2, sort_keys=True))
+    return [out / name for name in split.filename_to_tensors]
+
+
+def _produce_shard(
+    keys: list[str],
+    specs: Mapping[str, torch.Tensor],
+    produce: Callable[[str], torch.Tensor],
+    out: Path,
+    on_tensor: Callable[[torch.Tensor], None] | None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of one shard, each checked against its spec (a wrong plan fails at its tensor, by name)."""
+    shard = {}
+    for key in keys:
+        tensor, spec = produce(key), specs[key]
+        if tensor.dtype != spec.dtype or tensor.shape != spec.shape:
+            raise ValueError(
+                f"{key!r}: produced {tensor.dtype} {list(tensor.shape)}, planned {spec.dtype} {list(spec.shape)} "
+                f"for {out}"
+            )
+        shard[key] = tensor.contiguous()
+        if on_tensor is not None:
+            on_tensor(tensor)
+    return shard

@@ -1,23 +1,20 @@
 """Video and image-folder I/O: frames are numpy uint8 RGB [F, H, W, 3] everywhere.
 
 Reading uses decord and falls back to an ffmpeg pipe (imageio-ffmpeg) when decord is missing or fails;
-writing goes through a temporary file in the target folder and a rename, so a failed write never
-leaves a half-written file at the target.
+writing goes through utils.atomic_io (a staging path in the target folder and a rename), so a failed
+write never leaves a half-written file at the target.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from utils.atomic_io import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -26,37 +23,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 class VideoReadError(RuntimeError):
     """A file exists but cannot be decoded as a video or image."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed.
-
-    The temporary name keeps the suffix of `path` (ffmpeg picks the container from it). For a directory
-    an existing target is removed just before the rename.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    else:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
-        if directory and path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 def _check_frames(frames: np.ndarray, what: str) -> np.ndarray:
@@ -147,7 +113,7 @@ def write_video(
     params = ["-crf", "0" if mode == "lossless" else str(crf), "-preset", "veryfast"]
     import imageio_ffmpeg
 
-    with atomic_path(path) as tmp:
+    with atomic_output(path, overwrite=True) as tmp:  # tmp keeps the suffix: ffmpeg picks the container
         writer = imageio_ffmpeg.write_frames(
             str(tmp),
             (w, h),
@@ -181,7 +147,7 @@ def read_image(path: str | Path) -> np.ndarray:
 def write_image(path: str | Path, image: np.ndarray) -> None:
     """Write a uint8 [H, W, 3] RGB image atomically (format from the suffix; png is lossless)."""
     _check_frames(np.asarray(image)[None], f"write_image({path})")
-    with atomic_path(path) as tmp:
+    with atomic_output(path, overwrite=True) as tmp:
         Image.fromarray(image).save(tmp, format=Image.registered_extensions()[Path(path).suffix.lower()])
 
 
@@ -218,7 +184,8 @@ def read_image_folder(folder: str | Path) -> np.ndarray:
 def write_image_folder(folder: str | Path, frames: np.ndarray, ext: str = "png") -> None:
     """Write frames as folder/00000.png, 00001.png, ... replacing the folder atomically."""
     frames = _check_frames(frames, f"write_image_folder({folder})")
-    with atomic_path(folder, directory=True) as tmp:
+    with atomic_output(folder, overwrite=True) as tmp:
+        tmp.mkdir()
         for i, frame in enumerate(frames):
             Image.fromarray(frame).save(tmp / f"{i:05d}.{ext}")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.video_io import atomic_path
+from utils.atomic_io import atomic_write_text
 
 VISIBILITY_THRESHOLD = 0.3
 KEYPOINTS_FORMAT = "poseforcing-keypoints-v1"
@@ -168,8 +168,7 @@ def save_keypoints(path: str | Path, pose: PoseSequence, fps: float | None = Non
         "body": body.tolist(),
         "hands": hands.tolist(),
     }
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, separators=(",", ":")))
+    atomic_write_text(json.dumps(data, separators=(",", ":")), path)
 
 
 def load_keypoints(path: str | Path) -> PoseSequence:
