@@ -2,7 +2,8 @@
 # One GPU call of the world teacher: write the training set if it is missing (make_toy_dataset.py --encode; the
 # same seeds always give the same set), then train or resume (--resume auto) until SECONDS from the call's start
 # are spent (train.max_minutes), and copy what comes back to OUT_DIR: the log, metrics.jsonl, the resolved config
-# and the exports (the EMA weights in fp16, as shipped; the raw weights in fp32, split in two files).
+# and the exports (the EMA weights in fp16, as shipped; the raw weights in fp32 as two shards + index in
+# OUT_DIR/teacher_fp32/, which a later session's run loads as roles.teacher.weights=<that folder>).
 #   bash scripts/jobs/world_teacher.sh OUT_DIR SECONDS [key=val ...]
 #   WORLD_CLIPS=4000 WORLD_REF_CHOICES=3 BENCH_DMD=1 (also runs the real-size DMD benchmark beside the data step)
 set -u
@@ -40,8 +41,15 @@ if (src / "teacher_ema.safetensors").exists():
     save_file({k: v.half() for k, v in ema.items()}, dst / "teacher_ema_fp16.safetensors", meta)
     raw = load_file(src / "teacher.safetensors")
     keys = sorted(raw)
+    folder = dst / "teacher_fp32"  # two shards + index (each under the 16 MiB return limit): a warm start loads
+    folder.mkdir(exist_ok=True)   # it as roles.teacher.weights=<folder>
+    weight_map = {}
     for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
-        save_file({k: raw[k] for k in part}, dst / f"teacher_fp32_part{i}.safetensors", meta)
+        name = f"teacher-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: raw[k] for k in part}, folder / name, meta)
+        weight_map.update({k: name for k in part})
+    import json
+    (folder / "teacher.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     print("exports copied")
 PY
 exit $rc
