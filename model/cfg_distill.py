@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from model.flow_matching import draw_timesteps
 from pipeline.conditions import conditions
-from pipeline.rollout import guided_flow, is_guided
+from pipeline.rollout import guided_flow, is_guided, stack_branches
 from trainer.objective import Objective, StepOutput, TrainContext
 from utils.scheduler import add_noise
 
@@ -62,7 +62,9 @@ class CFGDistillation(Objective):
         teacher = self.roles["teacher"]
         cond = conditions(teacher, batch)
         uncond = cond.unconditional(batch["neg_context"])
-        return guided_flow(teacher(x_t, t, **cond), teacher(x_t, t, **uncond), w)
+        # both branches in one batch-2B forward, as cfg_flow does (w is per sample here, so not cfg_flow itself)
+        both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), **stack_branches(cond, uncond))
+        return guided_flow(*both.chunk(2), w)
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int, due: tuple[str, ...]) -> StepOutput:
         for key in ("latents", "neg_context"):
