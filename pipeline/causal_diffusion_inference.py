@@ -66,6 +66,7 @@ class StreamClip:
     cond: StreamConditions
     uncond: StreamConditions | None
     latent_size: tuple[int, int]
+    max_latent_frames: int | None = None
 
     @property
     def pose(self) -> PoseTokenStream | None:
@@ -240,14 +241,15 @@ class StreamingPosePipeline(PosePipeline):
         [H, W, 3] (or [n, H, W, 3]) at the reference's size; ref_pose [1, 3, H, W] in 0..255 or None; the
         video ends with the pose stream (its last 1 + 4k frames) or after max_frames video frames.
 
-        Needs a pose model with a local attention window (local_attn_size): its KV cache must not grow.
+        An unbounded stream (max_frames None) needs a local attention window (local_attn_size), so that the KV
+        cache does not grow; with global attention the cache holds max_frames.
         """
         if self.model.pose_dim is None:
             raise ValueError("prepare_stream needs a pose model (pose_dim): the pose stream is what ends the clip")
-        if self.model.local_attn_size <= 0:
+        if self.model.local_attn_size <= 0 and max_frames is None:
             raise ValueError(
                 "an unbounded stream needs a local attention window: build the model with local_attn_size (e.g. "
-                "18) and sink_size (e.g. 3), or use prepare() for a clip of known length"
+                "18) and sink_size (e.g. 3), or give max_frames"
             )
         if max_frames is not None:
             pose_latent_frames(max_frames)
@@ -265,16 +267,17 @@ class StreamingPosePipeline(PosePipeline):
             y = ImageConditionStream(self.vae, ref_image, self.model.in_dim - self.model.out_dim, ref_map)
             y.precompute()  # once per clip, so blocks then cost no VAE encode
         pose = PoseTokenStream(self.model, pose_frames, (height, width), device, max_frames)
-        cond = StreamConditions(context, clip_fea, y, pose)
+        max_latent = None if max_frames is None else pose_latent_frames(max_frames)
+        cond = StreamConditions(context, clip_fea, y, pose, max_latent)
         uncond = None
         if self.guidance_scale != 1.0:
             uncond = cond.unconditional(self.text_encoder([self.negative_prompt]).to(device))
-        return StreamClip(cond, uncond, (height // VAE_STRIDE[1], width // VAE_STRIDE[2]))
+        return StreamClip(cond, uncond, (height // VAE_STRIDE[1], width // VAE_STRIDE[2]), max_latent)
 
     def latent_blocks(
         self, clip: PreparedClip | StreamClip, generator: torch.Generator
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        frames = None if isinstance(clip, StreamClip) else clip.latent_frames
+        frames = clip.max_latent_frames if isinstance(clip, StreamClip) else clip.latent_frames
         return stream_latents(
             self.model, clip.cond, frames, clip.latent_size, self.steps, generator=generator,
             dtype=self.dtype, uncond=clip.uncond, guidance_scale=self.guidance_scale,

@@ -274,6 +274,63 @@ def read_frames(source: str | Path) -> np.ndarray:
     return read_image_folder(source) if Path(source).is_dir() else read_video(source)
 
 
+class FrameStream:
+    """The frames of a video file or an image folder, read one at a time as they are iterated (memory does not grow
+    with the video). The first frame is read on opening, so an unreadable file fails at once; `count` is the
+    number of frames when the container says it up front (None otherwise, e.g. through the ffmpeg fallback)."""
+
+    def __init__(self, source: str | Path):
+        self.source = Path(source)
+        if self.source.is_dir():
+            self.files = list_images(self.source)
+            if not self.files:
+                raise VideoReadError(f"image folder {source} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            self.count: int | None = len(self.files)
+            self.first = read_image(self.files[0])
+            return
+        if not self.source.is_file():
+            raise FileNotFoundError(f"video file {source} does not exist")
+        self.files = None
+        try:
+            import decord
+
+            self._reader = decord.VideoReader(str(self.source), ctx=decord.cpu(0), num_threads=1)
+            self.count = len(self._reader)
+            self.first = self._reader[0].asnumpy()
+        except Exception as e:  # decord missing, or a format it cannot decode: ffmpeg reads everything
+            logger.debug("decord could not read %s (%s); using ffmpeg", source, e)
+            self._reader, self.count = None, None
+            self.first = next(self._ffmpeg_frames(), None)
+            if self.first is None:
+                raise VideoReadError(f"video {source} has no frames") from None
+
+    def _ffmpeg_frames(self) -> Iterator[np.ndarray]:
+        import imageio_ffmpeg
+
+        try:
+            gen = imageio_ffmpeg.read_frames(str(self.source), pix_fmt="rgb24")
+            width, height = next(gen)["size"]
+        except Exception as e:
+            raise VideoReadError(f"cannot read video {self.source}: {e}".splitlines()[0]) from e
+        for buf in gen:
+            yield np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """uint8 [H, W, 3] RGB frames from the first; every frame has the first one's size."""
+        if self.files is not None:
+            frames = (read_image(p) for p in self.files)
+        elif self._reader is not None:
+            frames = (self._reader[i].asnumpy() for i in range(self.count))
+        else:
+            frames = self._ffmpeg_frames()
+        for i, frame in enumerate(frames):
+            if frame.shape != self.first.shape:
+                name = self.files[i] if self.files is not None else f"frame {i} of {self.source}"
+                raise VideoReadError(f"{name} is {frame.shape[1]}x{frame.shape[0]} but the first frame is "
+                                     f"{self.first.shape[1]}x{self.first.shape[0]}: all frames must have one size")
+            yield frame
+
+
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of uint8 [F, H, W, 3] (PIL, as torchvision does for PIL images); no-op at size."""
     if frames.shape[1:3] == (height, width):

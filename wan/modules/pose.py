@@ -98,7 +98,9 @@ def ref_pose_map(model: WanModel, ref_pose: torch.Tensor, size: tuple[int, int])
     if not hasattr(model, "randomref_embedding_pose"):
         raise ValueError("a reference pose needs an i2v pose model (the map is added to y)")
     if ref_pose.dim() != 4 or tuple(ref_pose.shape[-2:]) != (height, width):
-        raise ValueError(f"ref_pose must be [B, 3, {height}, {width}] like the pose frames; got {tuple(ref_pose.shape)}")
+        raise ValueError(
+            f"ref_pose must be [B, 3, {height}, {width}] like the pose frames; got {tuple(ref_pose.shape)}"
+        )
     ref_enc = model.randomref_embedding_pose
     return ref_enc(ref_pose.to(ref_enc[0].weight.dtype) / 255.0)[:, :, None]
 
