@@ -143,32 +143,8 @@ class InputError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    io = p.add_argument_group("inputs and outputs")
-    io.add_argument(
-        "--ref", type=Path, help="reference image (png/jpg); its size is the video's size (multiples of 16)"
-    )
-    io.add_argument(
-        "--pose", type=Path, help="pose input: a folder of drawn pose images, a pose video, or a keypoints JSON"
-    )
-    io.add_argument("--driving", type=Path,
-                    help="RGB driving video instead of --pose: its pose is extracted with DWPose (--det-onnx, "
-                         "--pose-onnx) and aligned to the reference")  # fmt: skip
-    io.add_argument("--ref-pose", type=Path,
-                    help="the reference's pose: a drawn pose image or a keypoints JSON (default: DWPose on --ref "
-                         "when its models are there, else pose-only input)")  # fmt: skip
-    io.add_argument("--no-align", action="store_true",
-                    help="draw keypoints as given instead of aligning them to the reference pose")  # fmt: skip
-    io.add_argument("--prompt", help="text prompt (default: the config's, 'a person is dancing')")
-    io.add_argument(
-        "--num-frames",
-        type=int,
-        help="video frames, 1 + 4k (default: the config's, else the longest 1 + 4k prefix of the pose)",
-    )
-    io.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
-    io.add_argument("--out", type=Path, default=Path("outputs/video.mp4"), help="output mp4, written atomically")
-    io.add_argument("--preview", type=Path, help="also write a side-by-side pose | output mp4 here")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that pick the config, networks, weights, device and dtype (shared with scripts/demo.py)."""
     model = p.add_argument_group("model and weights (config paths are relative to --models-dir)")
     model.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                        help="inference config YAML (default: the tiny random-weight demo)")  # fmt: skip
@@ -195,6 +171,35 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--guidance-scale", type=float, help="CFG scale w (1 = off, the student's default)")
     model.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     model.add_argument("--dtype", choices=["auto", *DTYPES], help="network dtype (default: bf16 on cuda, fp32 on cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument(
+        "--ref", type=Path, help="reference image (png/jpg); its size is the video's size (multiples of 16)"
+    )
+    io.add_argument(
+        "--pose", type=Path, help="pose input: a folder of drawn pose images, a pose video, or a keypoints JSON"
+    )
+    io.add_argument("--driving", type=Path,
+                    help="RGB driving video instead of --pose: its pose is extracted with DWPose (--det-onnx, "
+                         "--pose-onnx) and aligned to the reference")  # fmt: skip
+    io.add_argument("--ref-pose", type=Path,
+                    help="the reference's pose: a drawn pose image or a keypoints JSON (default: DWPose on --ref "
+                         "when its models are there, else pose-only input)")  # fmt: skip
+    io.add_argument("--no-align", action="store_true",
+                    help="draw keypoints as given instead of aligning them to the reference pose")  # fmt: skip
+    io.add_argument("--prompt", help="text prompt (default: the config's, 'a person is dancing')")
+    io.add_argument(
+        "--num-frames",
+        type=int,
+        help="video frames, 1 + 4k (default: the config's, else the longest 1 + 4k prefix of the pose)",
+    )
+    io.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
+    io.add_argument("--out", type=Path, default=Path("outputs/video.mp4"), help="output mp4, written atomically")
+    io.add_argument("--preview", type=Path, help="also write a side-by-side pose | output mp4 here")
+    add_model_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config values, e.g. guidance_scale=3.0")
     return p
 

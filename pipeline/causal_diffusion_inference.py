@@ -235,11 +235,14 @@ class StreamingPosePipeline(PosePipeline):
         prompt: str,
         ref_pose: torch.Tensor | None = None,
         max_frames: int | None = None,
+        precompute_y: bool = True,
     ) -> StreamClip:
         """A clip whose pose frames come from an iterator, read only as far as each block needs (4 frames past
         the block: pose_lookahead). ref_image [1, 3, H, W] in [-1, 1]; pose_frames yields uint8 RGB frames
         [H, W, 3] (or [n, H, W, 3]) at the reference's size; ref_pose [1, 3, H, W] in 0..255 or None; the
         video ends with the pose stream (its last 1 + 4k frames) or after max_frames video frames.
+        precompute_y: encode `y` up front (until it repeats, ~29 latent frames, or the clip's length: steady block
+        times) rather than as the blocks need it (a lower first-frame latency, slower first blocks).
 
         An unbounded stream (max_frames None) needs a local attention window (local_attn_size), so that the KV
         cache does not grow; with global attention the cache holds max_frames.
@@ -251,8 +254,7 @@ class StreamingPosePipeline(PosePipeline):
                 "an unbounded stream needs a local attention window: build the model with local_attn_size (e.g. "
                 "18) and sink_size (e.g. 3), or give max_frames"
             )
-        if max_frames is not None:
-            pose_latent_frames(max_frames)
+        max_latent = None if max_frames is None else pose_latent_frames(max_frames)
         check_clip_inputs(ref_image, torch.zeros(1, 3, 1, *ref_image.shape[-2:]), 1)
         if ref_image.shape[0] != 1:
             raise ValueError(f"a stream is one clip: ref_image must be [1, 3, H, W]; got {tuple(ref_image.shape)}")
@@ -265,9 +267,9 @@ class StreamingPosePipeline(PosePipeline):
         if self.model.model_type == "i2v":
             clip_fea = self.image_encoder(ref_image)
             y = ImageConditionStream(self.vae, ref_image, self.model.in_dim - self.model.out_dim, ref_map)
-            y.precompute()  # once per clip, so blocks then cost no VAE encode
+            if precompute_y:
+                y.precompute(max_latent)
         pose = PoseTokenStream(self.model, pose_frames, (height, width), device, max_frames)
-        max_latent = None if max_frames is None else pose_latent_frames(max_frames)
         cond = StreamConditions(context, clip_fea, y, pose, max_latent)
         uncond = None
         if self.guidance_scale != 1.0:

@@ -204,9 +204,11 @@ class ImageConditionStream:
             self.previous_state = None
         return latent
 
-    def precompute(self) -> None:
-        """Encode ahead until the latents repeat (or Y_SEARCH_FRAMES frames), keeping the frames for take()."""
-        while self.constant is None and self.encoded < Y_SEARCH_FRAMES:
+    def precompute(self, max_frames: int | None = None) -> None:
+        """Encode ahead until the latents repeat (or Y_SEARCH_FRAMES frames, or max_frames: a clip's length),
+        keeping the frames for take()."""
+        limit = Y_SEARCH_FRAMES if max_frames is None else min(max_frames, Y_SEARCH_FRAMES)
+        while self.constant is None and self.encoded < limit:
             self.ahead.append(self._encode_next())
 
     def _latent(self) -> torch.Tensor:
