@@ -138,9 +138,10 @@ def block_rollout(
     so no gradient crosses blocks through it. With a local attention window any num_frames streams through a
     fixed-size cache.
 
-    num_frames=None streams until the conditions run out: `cond` (and `uncond`) are then streams
-    (pipeline.streaming.StreamConditions) whose block() returns each block's conditions, possibly fewer frames
-    for the last one, and None after it; the model needs a local attention window.
+    `cond` (and `uncond`) may be streams (pipeline.streaming.StreamConditions) whose block() returns each block's
+    conditions, possibly fewer frames for the last one, and None after it: the rollout then ends with the stream,
+    num_frames (if given) being the most it makes. num_frames=None (no end but the stream's) needs a local
+    attention window.
     """
     if guidance != 1.0 and uncond is None:
         raise ValueError(f"guidance={guidance} needs the unconditional branch (uncond)")
@@ -157,8 +158,7 @@ def block_rollout(
         block_branches = [c.block(start, frames, tokens_per_frame) for c in branches]
         if block_branches[0] is None:  # a stream that ended
             return
-        if num_frames is None:
-            frames = block_frames(block_branches[0], tokens_per_frame)
+        frames = block_frames(block_branches[0], tokens_per_frame, frames)  # a stream's last block may be shorter
         c_blk, u_blk = block_branches[0], block_branches[1] if len(block_branches) > 1 else None
 
         def flow(x: torch.Tensor, t: torch.Tensor, c=c_blk, u=u_blk, s=start) -> torch.Tensor:
@@ -174,13 +174,13 @@ def block_rollout(
         start += frames
 
 
-def block_frames(cond: Conditions, tokens_per_frame: int) -> int:
-    """The latent frames one block's conditions cover (from y, else the pose tokens)."""
+def block_frames(cond: Conditions, tokens_per_frame: int, default: int) -> int:
+    """The latent frames one block's conditions cover (from y, else the pose tokens, else `default`)."""
     if cond.y is not None:
         return cond.y.shape[2]
     if cond.pose_tokens is not None:
         return cond.pose_tokens.shape[1] // tokens_per_frame
-    raise ValueError("a streamed block needs per-frame conditions (y or pose tokens) to know its length")
+    return default
 
 
 @torch.no_grad()

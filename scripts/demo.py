@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-frames", type=int, default=2001,
                         help="most video frames of one clip (1 + 4k); a clip also ends with its pose")  # fmt: skip
     server.add_argument("--world-frames", type=int, default=81,
-                        help="frames of a synthetic-world pose source (1 + 4k)")  # fmt: skip
+                        help="frames of a world-clip pose source (1 + 4k) when the page asks for no count")  # fmt: skip
     server.add_argument("--precompute-y", action="store_true",
                         help="encode the i2v input y up front (~29 latent frames: steadier first blocks, a later "
                              "first frame) instead of as the blocks need it")  # fmt: skip
@@ -203,10 +203,9 @@ class Demo:
 
     # -------------------------------------------------------------------------------------------- inputs
 
-    def world_clip(self, seed: int, size: tuple[int, int] | None):
+    def world_clip(self, seed: int, size: tuple[int, int] | None, frames: int):
         from utils.synthetic_pose import generate_sample, load_world_config
 
-        frames = self.args.world_frames
         h, w = size or (64, 96)
         return generate_sample(load_world_config(height=h, width=w, num_frames=frames), seed)
 
@@ -232,7 +231,8 @@ class Demo:
             seed = msg.get("world_seed", 0)
             if not isinstance(seed, int) or seed < 0:
                 raise DemoInputError(f"world seed {seed!r} must be a whole number >= 0")
-            sample = self.world_clip(seed, None if ref is None else ref.shape[:2])
+            length = min(msg.get("num_frames") or self.args.world_frames, limit)
+            sample = self.world_clip(seed, None if ref is None else ref.shape[:2], length)
             if ref is None:
                 ref, ref_pose = sample.ref_image, sample.ref_pose
             frames: Iterator[np.ndarray] = iter(sample.pose)

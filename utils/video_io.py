@@ -296,13 +296,16 @@ class FrameStream:
 
             self._reader = decord.VideoReader(str(self.source), ctx=decord.cpu(0), num_threads=1)
             self.count = len(self._reader)
-            self.first = self._reader[0].asnumpy()
+            self.first = self._decord_frame(0)  # get_batch, as read_video: it fails where [i] returns garbage
         except Exception as e:  # decord missing, or a format it cannot decode: ffmpeg reads everything
             logger.debug("decord could not read %s (%s); using ffmpeg", source, e)
             self._reader, self.count = None, None
             self.first = next(self._ffmpeg_frames(), None)
             if self.first is None:
                 raise VideoReadError(f"video {source} has no frames") from None
+
+    def _decord_frame(self, index: int) -> np.ndarray:
+        return self._reader.get_batch([index]).asnumpy()[0]
 
     def _ffmpeg_frames(self) -> Iterator[np.ndarray]:
         import imageio_ffmpeg
@@ -320,7 +323,7 @@ class FrameStream:
         if self.files is not None:
             frames = (read_image(p) for p in self.files)
         elif self._reader is not None:
-            frames = (self._reader[i].asnumpy() for i in range(self.count))
+            frames = (self._decord_frame(i) for i in range(self.count))
         else:
             frames = self._ffmpeg_frames()
         for i, frame in enumerate(frames):
