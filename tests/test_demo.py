@@ -248,7 +248,7 @@ def chrome_driver(tmp_path: Path):
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={tmp_path / 'chrome'}",
-                 "--window-size=1100,700"):  # fmt: skip
+                 "--window-size=1100,800"):  # fmt: skip
         options.add_argument(flag)
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look for downloads
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
