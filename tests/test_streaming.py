@@ -19,7 +19,7 @@ from test_pipeline import HEIGHT, PROMPT, WIDTH, clip_inputs, fake_image_encoder
 
 from pipeline.causal_diffusion_inference import StreamingPosePipeline, image_condition
 from pipeline.streaming import ImageConditionStream, PoseStreamError, PoseTokenStream
-from utils.video_io import VideoWriter
+from utils.video_io import VideoWriter, read_video
 from wan.configs import build_model
 from wan.modules.pose import StreamingPoseEncoder, pose_lookahead, pose_receptive_field
 
@@ -186,3 +186,17 @@ def test_a_long_stream_does_not_grow_memory(vae, windowed, tmp_path):
     mb = 2**20
     assert max(traced[10:]) - max(traced[:10]) < 0.1 * mb, traced[::5]
     assert max(rss[10:]) - max(rss[:10]) < 32 * mb, [round(r / mb, 1) for r in rss[::5]]
+
+
+def test_inference_streams_a_clip_longer_than_the_training_window(tmp_path, caplog):
+    """inference.py on 93 frames (24 latent frames, more than the 21 the tiny preset attends to): it switches to the
+    local window + sink, writes every frame and the side-by-side preview, and leaves no temp file."""
+    import inference
+
+    out, side = tmp_path / "long.mp4", tmp_path / "side.mp4"
+    with caplog.at_level("INFO"):
+        inference.main(["--out", str(out), "--preview", str(side), "synthetic.num_frames=93", "synthetic.height=32",
+                        "synthetic.width=32", "denoising_steps=[1000.0,500.0]"])  # fmt: skip
+    assert "streaming through a local window of 18 + a sink of 3" in caplog.text
+    assert read_video(out).shape == (93, 32, 32, 3) and read_video(side).shape == (93, 32, 64, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4", "side.mp4"]

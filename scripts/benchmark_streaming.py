@@ -1,0 +1,158 @@
+"""Flat memory and time per frame of unbounded streaming: the causal pose student with random weights streams N
+frames (e.g. 81, 481, 2001) through a local attention window + sink, the pose read from an endless iterator
+(StreamingPosePipeline.prepare_stream: streamed pose tokens and y), the frames written to an mp4 as they are
+decoded (utils.video_io.VideoWriter), as inference.py does. Each length runs in a fresh process, so its peak is
+its own: peak RSS (CPU) or peak CUDA memory allocated (GPU), and seconds per frame over the first and the last
+81 frames (after warm-up blocks) to show that time per frame stays flat. Prints a markdown table, writes JSON.
+
+    # CPU, tiny (the numbers in docs/benchmarks/streaming.md):
+    python scripts/benchmark_streaming.py --device cpu --preset tiny --height 64 --width 96 --vae-base-dim 8 \\
+        --no-clip --frames 81 481 2001 --json docs/benchmarks/streaming_cpu_tiny.json
+    # one GPU, real size (1.3B student, Wan2.1 VAE and CLIP ViT-H/14 with random weights, 480x832):
+    python scripts/benchmark_streaming.py --frames 81 481 2001 --json docs/benchmarks/streaming_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as `python scripts/benchmark_streaming.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.causal_diffusion_inference import StreamingPosePipeline  # noqa: E402
+from scripts.benchmark_inference import random_encoders  # noqa: E402
+from utils.config import DTYPES  # noqa: E402
+from utils.video_io import VideoWriter  # noqa: E402
+from utils.wan_wrapper import WAN21_VAE_CONFIG  # noqa: E402
+from wan.configs import build_model  # noqa: E402
+
+log = logging.getLogger("benchmark_streaming")
+WINDOW_FRAMES = 81  # frames per timing window (first / last)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="wan_1.3b_causal_pose", help="causal pose preset (wan/configs.py)")
+    p.add_argument("--frames", type=int, nargs="+", default=[81, 481, 2001], help="clip lengths, 1 + 4k each")
+    p.add_argument("--height", type=int, default=480, help="video height, multiple of 16")
+    p.add_argument("--width", type=int, default=832, help="video width, multiple of 16")
+    p.add_argument("--local-attn-size", type=int, default=18, help="attention window in latent frames")
+    p.add_argument("--sink-size", type=int, default=3, help="latent frames kept at the start (attention sink)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="network (and CLIP) dtype")
+    p.add_argument("--vae-dtype", choices=DTYPES, default="bf16", help="VAE decode dtype (encode is always fp32)")
+    p.add_argument("--vae-base-dim", type=int, default=WAN21_VAE_CONFIG["base_dim"], help="VAE width (96 = real)")
+    p.add_argument("--no-clip", action="store_true", help="random CLIP features instead of the ViT-H/14")
+    p.add_argument("--warmup-blocks", type=int, default=2, help="blocks left out of the first timing window")
+    p.add_argument("--seed", type=int, default=0, help="noise and input seed")
+    p.add_argument("--device", default="cuda", help="cuda or cpu")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    p.add_argument("--single", type=int, help=argparse.SUPPRESS)  # internal: measure one length in this process
+    return p
+
+
+def measure(args: argparse.Namespace, num_frames: int) -> dict:
+    """Stream num_frames frames into an mp4 in this process; its peak memory and time per frame."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+    model = build_model(args.preset, device=device, dtype=dtype, local_attn_size=args.local_attn_size,
+                        sink_size=args.sink_size).eval().requires_grad_(False)  # fmt: skip
+    with torch.no_grad():  # the official init zeroes the head and pose_proj: give every path a signal
+        torch.nn.init.normal_(model.head.head.weight, std=0.02)
+        torch.nn.init.normal_(model.pose_proj.weight, std=0.002)
+    with tempfile.TemporaryDirectory(prefix="benchmark-streaming-") as folder:
+        vae, image_encoder = random_encoders(args, model, Path(folder), device, dtype)
+        context = torch.randn(1, model.text_len, model.text_dim, device=device, dtype=dtype)
+        pipe = StreamingPosePipeline(model, vae, lambda prompts: context.expand(len(prompts), -1, -1), image_encoder)
+        rng = np.random.default_rng(args.seed)
+        loop = [rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8) for _ in range(33)]
+        ref = torch.rand(1, 3, args.height, args.width, device=device) * 2 - 1
+        ref_pose = torch.rand(1, 3, args.height, args.width, device=device) * 255
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        clip = pipe.prepare_stream(ref, itertools.cycle(loop), "a person is dancing", ref_pose, max_frames=num_frames)
+        prepare_s = time.perf_counter() - start
+        done, counts = [], []
+        t0 = time.perf_counter()
+        with VideoWriter(Path(folder) / "video.mp4", fps=16) as writer:
+            for block in pipe.stream(clip, args.seed):
+                frames = ((block.frames[0].float() + 1) * 127.5).round().clamp(0, 255).byte()
+                writer.write(frames.permute(1, 2, 3, 0).cpu().numpy())  # waits for the block: it is done
+                done.append(time.perf_counter() - t0)
+                counts.append(frames.shape[1])
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KB
+    ends = np.cumsum(counts)
+    first = args.warmup_blocks
+
+    def per_frame(lo: int, hi: int) -> float:  # seconds per frame of blocks lo..hi-1
+        return (done[hi - 1] - (done[lo - 1] if lo else 0.0)) / float(ends[hi - 1] - (ends[lo - 1] if lo else 0))
+
+    window = max(1, -(-WINDOW_FRAMES // (4 * model.num_frame_per_block)))  # blocks in ~81 frames
+    head = per_frame(first, min(len(done), first + window))
+    tail = per_frame(max(first, len(done) - window), len(done))
+    row = {
+        "frames": int(ends[-1]), "blocks": len(done), "prepare_s": prepare_s, "total_s": done[-1],
+        "s_per_frame_first": head, "s_per_frame_last": tail, "fps": float(ends[-1]) / done[-1],
+        "first_block_s": done[0], "peak_rss_mb": peak_rss / 2**20,
+        "kv_cache_frames": args.local_attn_size + args.sink_size,
+    }  # fmt: skip
+    if device.type == "cuda":
+        row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    mem = "peak_cuda_mb" if "peak_cuda_mb" in rows[0] else "peak_rss_mb"
+    base = rows[0][mem]
+    lines = [f"| frames | blocks | {mem} | vs. first | s/frame (first 81) | s/frame (last 81) | FPS | first block s |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['frames']} | {r['blocks']} | {r[mem]:.1f} | {100 * (r[mem] / base - 1):+.1f}% | "
+                     f"{r['s_per_frame_first']:.4f} | {r['s_per_frame_last']:.4f} | {r['fps']:.2f} | "
+                     f"{r['first_block_s']:.3f} |")  # fmt: skip
+    head = (f"{args.preset} at {args.height}x{args.width} on {args.device}, window {args.local_attn_size} + sink "
+            f"{args.sink_size} latent frames, {args.dtype}, VAE base {args.vae_base_dim}")  # fmt: skip
+    return head + "\n\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device: run on a GPU, or pass --device cpu with a tiny preset")
+    for n in args.frames:
+        if n < 1 or (n - 1) % 4:
+            raise SystemExit(f"error: --frames {n} is not 1 + 4k (e.g. 81, 481, 2001)")
+    if args.single is not None:
+        print(json.dumps(measure(args, args.single)))
+        return
+    rows = []
+    own = [a for a in (sys.argv[1:] if argv is None else argv)]
+    for n in args.frames:  # a fresh process per length: each peak is its own
+        res = subprocess.run([sys.executable, __file__, *own, "--single", str(n)], capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"error: the {n}-frame run failed:\n{res.stderr[-3000:]}")
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        log.info("%d frames: %s", n, rows[-1])
+    log.info("%s", table(rows, args))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("json", "single")},
+                                         "rows": rows}, indent=2, default=str) + "\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
