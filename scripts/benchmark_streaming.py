@@ -3,7 +3,8 @@ frames (e.g. 81, 481, 2001) through a local attention window + sink, the pose re
 (StreamingPosePipeline.prepare_stream: streamed pose tokens and y), the frames written to an mp4 as they are
 decoded (utils.video_io.VideoWriter), as inference.py does. Each length runs in a fresh process, so its peak is
 its own: peak RSS (CPU) or peak CUDA memory allocated (GPU), and seconds per frame over the first and the last
-81 frames (after warm-up blocks) to show that time per frame stays flat. Prints a markdown table, writes JSON.
+81 frames (the median block time, after warm-up blocks: robust to a shared machine) to show that time per frame
+stays flat. Prints a markdown table, writes JSON (with every block's time).
 
     # CPU, tiny (the numbers in docs/benchmarks/streaming.md):
     python scripts/benchmark_streaming.py --device cpu --preset tiny --height 64 --width 96 --vae-base-dim 8 \\
@@ -18,6 +19,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import resource
 import subprocess
 import sys
@@ -95,19 +97,20 @@ def measure(args: argparse.Namespace, num_frames: int) -> dict:
                 counts.append(frames.shape[1])
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KB
     ends = np.cumsum(counts)
+    block_s = np.diff(np.array([0.0, *done]))
     first = args.warmup_blocks
-
-    def per_frame(lo: int, hi: int) -> float:  # seconds per frame of blocks lo..hi-1
-        return (done[hi - 1] - (done[lo - 1] if lo else 0.0)) / float(ends[hi - 1] - (ends[lo - 1] if lo else 0))
-
     window = max(1, -(-WINDOW_FRAMES // (4 * model.num_frame_per_block)))  # blocks in ~81 frames
-    head = per_frame(first, min(len(done), first + window))
-    tail = per_frame(max(first, len(done) - window), len(done))
+
+    def per_frame(blocks: slice) -> float:  # median seconds per frame over full blocks (robust to a busy machine)
+        full = [b for b, n in zip(block_s[blocks], np.array(counts)[blocks], strict=True) if n == max(counts)]
+        return float(np.median(full)) / max(counts) if full else math.nan
+
     row = {
         "frames": int(ends[-1]), "blocks": len(done), "prepare_s": prepare_s, "total_s": done[-1],
-        "s_per_frame_first": head, "s_per_frame_last": tail, "fps": float(ends[-1]) / done[-1],
-        "first_block_s": done[0], "peak_rss_mb": peak_rss / 2**20,
-        "kv_cache_frames": args.local_attn_size + args.sink_size,
+        "s_per_frame_first": per_frame(slice(first, first + window)),
+        "s_per_frame_last": per_frame(slice(max(first, len(done) - window), len(done))),
+        "fps": float(ends[-1]) / done[-1], "first_block_s": done[0], "peak_rss_mb": peak_rss / 2**20,
+        "kv_cache_frames": args.local_attn_size + args.sink_size, "block_s": [round(float(b), 4) for b in block_s],
     }  # fmt: skip
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
