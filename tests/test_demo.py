@@ -279,6 +279,10 @@ def test_in_a_real_browser(server, world, tmp_path):
         wait_for(driver, "return demo.config !== null && !document.getElementById('start').disabled", 30)
         driver.find_element(By.ID, "ref").send_keys(str(tmp_path / "ref.png"))
         Select(driver.find_element(By.ID, "source")).select_by_value("video")
+        driver.find_element(By.ID, "start").click()  # no pose file yet: the server's message shows on the page
+        wait_for(driver, "return document.getElementById('error').textContent.includes('pose video is missing')", 30)
+        wait_for(driver, "return !document.getElementById('start').disabled", 10)
+        driver.execute_script("demo.errors = []")
         driver.find_element(By.ID, "pose").send_keys(str(tmp_path / "pose.mp4"))
         driver.find_element(By.ID, "start").click()
         wait_for(driver, "return demo.state === 'done'", 120)
