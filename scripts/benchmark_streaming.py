@@ -4,7 +4,8 @@ frames (e.g. 81, 481, 2001) through a local attention window + sink, the pose re
 decoded (utils.video_io.VideoWriter), as inference.py does. Each length runs in a fresh process, so its peak is
 its own: peak RSS (CPU) or peak CUDA memory allocated (GPU), and seconds per frame over the first and the last
 81 frames (the median block time, after warm-up blocks: robust to a shared machine) to show that time per frame
-stays flat. Prints a markdown table, writes JSON (with every block's time).
+stays flat, also in CPU seconds of the process (steady where other jobs share the cores). Prints a markdown table,
+writes JSON (with every block's time).
 
     # CPU, tiny (the numbers in docs/benchmarks/streaming.md):
     python scripts/benchmark_streaming.py --device cpu --preset tiny --height 64 --width 96 --vae-base-dim 8 \\
@@ -87,28 +88,32 @@ def measure(args: argparse.Namespace, num_frames: int) -> dict:
         start = time.perf_counter()
         clip = pipe.prepare_stream(ref, itertools.cycle(loop), "a person is dancing", ref_pose, max_frames=num_frames)
         prepare_s = time.perf_counter() - start
-        done, counts = [], []
-        t0 = time.perf_counter()
+        done, cpu, counts = [], [], []
+        t0, c0 = time.perf_counter(), time.process_time()
         with VideoWriter(Path(folder) / "video.mp4", fps=16) as writer:
             for block in pipe.stream(clip, args.seed):
                 frames = ((block.frames[0].float() + 1) * 127.5).round().clamp(0, 255).byte()
                 writer.write(frames.permute(1, 2, 3, 0).cpu().numpy())  # waits for the block: it is done
                 done.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)  # CPU seconds of this process: steady on a shared machine
                 counts.append(frames.shape[1])
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KB
     ends = np.cumsum(counts)
     block_s = np.diff(np.array([0.0, *done]))
+    block_cpu_s = np.diff(np.array([0.0, *cpu]))
     first = args.warmup_blocks
     window = max(1, -(-WINDOW_FRAMES // (4 * model.num_frame_per_block)))  # blocks in ~81 frames
 
-    def per_frame(blocks: slice) -> float:  # median seconds per frame over full blocks (robust to a busy machine)
-        full = [b for b, n in zip(block_s[blocks], np.array(counts)[blocks], strict=True) if n == max(counts)]
+    def per_frame(blocks: slice, times: np.ndarray = block_s) -> float:  # median s/frame over full blocks
+        full = [b for b, n in zip(times[blocks], np.array(counts)[blocks], strict=True) if n == max(counts)]
         return float(np.median(full)) / max(counts) if full else math.nan
+
+    head, tail = slice(first, first + window), slice(max(first, len(done) - window), len(done))
 
     row = {
         "frames": int(ends[-1]), "blocks": len(done), "prepare_s": prepare_s, "total_s": done[-1],
-        "s_per_frame_first": per_frame(slice(first, first + window)),
-        "s_per_frame_last": per_frame(slice(max(first, len(done) - window), len(done))),
+        "s_per_frame_first": per_frame(head), "s_per_frame_last": per_frame(tail),
+        "cpu_s_per_frame_first": per_frame(head, block_cpu_s), "cpu_s_per_frame_last": per_frame(tail, block_cpu_s),
         "fps": float(ends[-1]) / done[-1], "first_block_s": done[0], "peak_rss_mb": peak_rss / 2**20,
         "kv_cache_frames": args.local_attn_size + args.sink_size, "block_s": [round(float(b), 4) for b in block_s],
     }  # fmt: skip
@@ -120,12 +125,12 @@ def measure(args: argparse.Namespace, num_frames: int) -> dict:
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     mem = "peak_cuda_mb" if "peak_cuda_mb" in rows[0] else "peak_rss_mb"
     base = rows[0][mem]
-    lines = [f"| frames | blocks | {mem} | vs. first | s/frame (first 81) | s/frame (last 81) | FPS | first block s |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"| frames | blocks | {mem} | vs. first row | s/frame, first 81 | s/frame, last 81 | CPU s/frame, "
+             "first 81 | CPU s/frame, last 81 | FPS | first block s |", "|---" * 10 + "|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['frames']} | {r['blocks']} | {r[mem]:.1f} | {100 * (r[mem] / base - 1):+.1f}% | "
-                     f"{r['s_per_frame_first']:.4f} | {r['s_per_frame_last']:.4f} | {r['fps']:.2f} | "
-                     f"{r['first_block_s']:.3f} |")  # fmt: skip
+                     f"{r['s_per_frame_first']:.4f} | {r['s_per_frame_last']:.4f} | {r['cpu_s_per_frame_first']:.4f} | "
+                     f"{r['cpu_s_per_frame_last']:.4f} | {r['fps']:.2f} | {r['first_block_s']:.3f} |")  # fmt: skip
     head = (f"{args.preset} at {args.height}x{args.width} on {args.device}, window {args.local_attn_size} + sink "
             f"{args.sink_size} latent frames, {args.dtype}, VAE base {args.vae_base_dim}")  # fmt: skip
     return head + "\n\n" + "\n".join(lines)
