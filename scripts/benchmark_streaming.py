@@ -2,7 +2,9 @@
 frames (e.g. 81, 481, 2001) through a local attention window + sink, the pose read from an endless iterator
 (StreamingPosePipeline.prepare_stream: streamed pose tokens and y), the frames written to an mp4 as they are
 decoded (utils.video_io.VideoWriter), as inference.py does. Each length runs in a fresh process, so its peak is
-its own: peak RSS (CPU) or peak CUDA memory allocated (GPU), and seconds per frame over the first and the last
+its own: the peak RSS while streaming (CPU; sampled after every block, so start-up transients of building the
+networks do not count; the process's lifetime peak is in the JSON too) or the peak CUDA memory allocated (GPU),
+and seconds per frame over the first and the last
 81 frames (the median block time, after warm-up blocks: robust to a shared machine) to show that time per frame
 stays flat, also in CPU seconds of the process (steady where other jobs share the cores). Prints a markdown table,
 writes JSON (with every block's time).
@@ -42,6 +44,12 @@ from utils.wan_wrapper import WAN21_VAE_CONFIG  # noqa: E402
 from wan.configs import build_model  # noqa: E402
 
 log = logging.getLogger("benchmark_streaming")
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 WINDOW_FRAMES = 81  # frames per timing window (first / last)
 
 
@@ -88,7 +96,7 @@ def measure(args: argparse.Namespace, num_frames: int) -> dict:
         start = time.perf_counter()
         clip = pipe.prepare_stream(ref, itertools.cycle(loop), "a person is dancing", ref_pose, max_frames=num_frames)
         prepare_s = time.perf_counter() - start
-        done, cpu, counts = [], [], []
+        done, cpu, counts, rss = [], [], [], []
         t0, c0 = time.perf_counter(), time.process_time()
         with VideoWriter(Path(folder) / "video.mp4", fps=16) as writer:
             for block in pipe.stream(clip, args.seed):
@@ -97,6 +105,7 @@ def measure(args: argparse.Namespace, num_frames: int) -> dict:
                 done.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)  # CPU seconds of this process: steady on a shared machine
                 counts.append(frames.shape[1])
+                rss.append(rss_bytes())
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KB
     ends = np.cumsum(counts)
     block_s = np.diff(np.array([0.0, *done]))
@@ -115,6 +124,8 @@ def measure(args: argparse.Namespace, num_frames: int) -> dict:
         "s_per_frame_first": per_frame(head), "s_per_frame_last": per_frame(tail),
         "cpu_s_per_frame_first": per_frame(head, block_cpu_s), "cpu_s_per_frame_last": per_frame(tail, block_cpu_s),
         "fps": float(ends[-1]) / done[-1], "first_block_s": done[0], "peak_rss_mb": peak_rss / 2**20,
+        "stream_rss_mb": max(rss) / 2**20,
+        "rss_growth_after_block_10_mb": (max(rss[10:] or rss) - rss[min(9, len(rss) - 1)]) / 2**20,
         "kv_cache_frames": args.local_attn_size + args.sink_size, "block_s": [round(float(b), 4) for b in block_s],
     }  # fmt: skip
     if device.type == "cuda":
@@ -123,7 +134,7 @@ def measure(args: argparse.Namespace, num_frames: int) -> dict:
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
-    mem = "peak_cuda_mb" if "peak_cuda_mb" in rows[0] else "peak_rss_mb"
+    mem = "peak_cuda_mb" if "peak_cuda_mb" in rows[0] else "stream_rss_mb"
     base = rows[0][mem]
     lines = [f"| frames | blocks | {mem} | vs. first row | s/frame, first 81 | s/frame, last 81 | CPU s/frame, "
              "first 81 | CPU s/frame, last 81 | FPS | first block s |", "|---" * 10 + "|"]  # fmt: skip
