@@ -2,8 +2,9 @@
 frames (e.g. 81, 481, 2001) through a local attention window + sink, the pose read from an endless iterator
 (StreamingPosePipeline.prepare_stream: streamed pose tokens and y), the frames written to an mp4 as they are
 decoded (utils.video_io.VideoWriter), as inference.py does. Each length runs in a fresh process, so its peak is
-its own: the peak RSS while streaming (CPU; sampled after every block, so start-up transients of building the
-networks do not count; the process's lifetime peak is in the JSON too) or the peak CUDA memory allocated (GPU),
+its own: the peak RSS while streaming (CPU; sampled after every block after glibc's malloc_trim, so neither the
+start-up transients of building the networks nor heap pages the allocator keeps after freeing them count; the
+process's lifetime peak, ru_maxrss, is in the JSON too) or the peak CUDA memory allocated (GPU),
 and seconds per frame over the first and the last
 81 frames (the median block time, after warm-up blocks: robust to a shared machine) to show that time per frame
 stays flat, also in CPU seconds of the process (steady where other jobs share the cores). Prints a markdown table,
@@ -19,6 +20,8 @@ writes JSON (with every block's time).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import itertools
 import json
 import logging
@@ -46,8 +49,12 @@ from wan.configs import build_model  # noqa: E402
 log = logging.getLogger("benchmark_streaming")
 
 
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc)."""
+def rss_bytes(trim: bool = False) -> int:
+    """This process's resident memory now (Linux /proc). trim: first hand glibc's free heap pages back to the system
+    (malloc_trim), so the number is the memory in use, not what the allocator kept after earlier peaks."""
+    if trim:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 WINDOW_FRAMES = 81  # frames per timing window (first / last)
@@ -105,7 +112,7 @@ def measure(args: argparse.Namespace, num_frames: int) -> dict:
                 done.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)  # CPU seconds of this process: steady on a shared machine
                 counts.append(frames.shape[1])
-                rss.append(rss_bytes())
+                rss.append(rss_bytes(trim=True))
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KB
     ends = np.cumsum(counts)
     block_s = np.diff(np.array([0.0, *done]))
