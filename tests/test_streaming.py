@@ -5,6 +5,7 @@ after its last pose frame, the streamed `y` equals image_condition, a streamed c
 
 from __future__ import annotations
 
+import collections
 import gc
 import itertools
 import tracemalloc
@@ -16,6 +17,7 @@ import torch
 from _tiny_encoders import TINY_VAE_CONFIG, vae_official_state_dict
 from conftest import randomize, rel_err
 from test_pipeline import HEIGHT, PROMPT, WIDTH, clip_inputs, fake_image_encoder, fake_text_encoder
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.causal_diffusion_inference import StreamingPosePipeline, image_condition
 from pipeline.streaming import ImageConditionStream, PoseStreamError, PoseTokenStream
@@ -186,6 +188,38 @@ def test_a_long_stream_does_not_grow_memory(vae, windowed, tmp_path):
     mb = 2**20
     assert max(traced[10:]) - max(traced[:10]) < 0.1 * mb, traced[::5]
     assert max(rss[10:]) - max(rss[:10]) < 32 * mb, [round(r / mb, 1) for r in rss[::5]]
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every tensor op run under it, with its input shapes (the work of a stretch of code, machine-independent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        self.ops[(str(func), tuple(tuple(a.shape) for a in leaves if isinstance(a, torch.Tensor)))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_block_after_the_window_fills_runs_the_same_ops(vae, windowed):
+    """Time per frame is flat by construction: once the KV cache's window is full (block 3 here: 9 latent frames)
+    every block runs the same tensor ops on the same shapes (pose encoder, y, transformer, cache, VAE decode), so
+    nothing in a block's work grows with its position in the stream (wall times on a shared CPU are too noisy)."""
+    ref, pose, ref_pose = clip_inputs(13)
+    pipe = StreamingPosePipeline(windowed, vae, fake_text_encoder(), fake_image_encoder(), steps=[1000.0, 500.0])
+    loop = itertools.cycle(to_frames(pose.round()))
+    clip = pipe.prepare_stream(ref, loop, PROMPT, ref_pose, max_frames=4 * 3 * 20 + 1)
+    blocks, ops = pipe.stream(clip, seed=0), {}
+    for i in range(16):
+        if i in (5, 15):
+            with OpRecorder() as recorder:
+                next(blocks)
+            ops[i] = recorder.ops
+        else:
+            next(blocks)
+    assert sum(ops[5].values()) > 500 and ops[5] == ops[15]
 
 
 def test_inference_streams_a_clip_longer_than_the_training_window(tmp_path, caplog):
