@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -27,7 +28,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,11 +49,18 @@ from pipeline.causal_diffusion_inference import (
 from pipeline.rollout import DEFAULT_STEPS, SAMPLERS
 from utils.config import DTYPES
 from utils.file_lock import LockHeldError, check_output_path, exit_on_sigterm, output_lock, process_alive
-from utils.pose import DWPoseDetector, DWPoseUnavailable, PoseSequence, align_pose, draw_pose_frames, load_keypoints
-from utils.pose.load import load_pose_frames
+from utils.pose import (
+    DWPoseDetector,
+    DWPoseUnavailable,
+    PoseSequence,
+    align_pose,
+    draw_pose_frames,
+    iter_pose_frames,
+    load_keypoints,
+)
 from utils.safetensors_io import SAFETENSORS_SUFFIX, open_safetensors, resolve_checkpoint_files
 from utils.text_cache import CachedTextEncoder
-from utils.video_io import VideoReadError, read_frames, read_image, read_video, write_video
+from utils.video_io import FrameStream, VideoReadError, VideoWriter, read_image
 from utils.wan_wrapper import ImageEncoder, WanVAE
 from wan.checkpoint import POSE_PREFIXES, CheckpointKeyError, _transformer_source, load_pose_weights, load_weights
 from wan.configs import PRESETS, build_model
@@ -86,6 +95,11 @@ class InferenceConfig:
     pose_weights: str | None = None  # UniAnimate checkpoint: pose encoders, for weights that lack them
     local_attn_size: int | None = None  # causal: attention window in latent frames (null: the preset's)
     sink_size: int | None = None  # causal: frames kept at the start when a window is set
+    # Causal presets that attend globally, local_attn_size null: a clip longer than long_clip_window +
+    # long_clip_sink latent frames (21, the training length), or a pose stream of unknown length, streams through
+    # this local window + sink instead, so the KV cache (and memory) stays fixed however long the clip.
+    long_clip_window: int = 18
+    long_clip_sink: int = 3
     t5: str | None = None  # models_t5_umt5-xxl-enc-bf16.pth or a HF folder
     t5_tokenizer: str | None = None  # google/umt5-xxl tokenizer folder
     clip: str | None = None  # models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or a HF folder
@@ -131,32 +145,8 @@ class InputError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    io = p.add_argument_group("inputs and outputs")
-    io.add_argument(
-        "--ref", type=Path, help="reference image (png/jpg); its size is the video's size (multiples of 16)"
-    )
-    io.add_argument(
-        "--pose", type=Path, help="pose input: a folder of drawn pose images, a pose video, or a keypoints JSON"
-    )
-    io.add_argument("--driving", type=Path,
-                    help="RGB driving video instead of --pose: its pose is extracted with DWPose (--det-onnx, "
-                         "--pose-onnx) and aligned to the reference")  # fmt: skip
-    io.add_argument("--ref-pose", type=Path,
-                    help="the reference's pose: a drawn pose image or a keypoints JSON (default: DWPose on --ref "
-                         "when its models are there, else pose-only input)")  # fmt: skip
-    io.add_argument("--no-align", action="store_true",
-                    help="draw keypoints as given instead of aligning them to the reference pose")  # fmt: skip
-    io.add_argument("--prompt", help="text prompt (default: the config's, 'a person is dancing')")
-    io.add_argument(
-        "--num-frames",
-        type=int,
-        help="video frames, 1 + 4k (default: the config's, else the longest 1 + 4k prefix of the pose)",
-    )
-    io.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
-    io.add_argument("--out", type=Path, default=Path("outputs/video.mp4"), help="output mp4, written atomically")
-    io.add_argument("--preview", type=Path, help="also write a side-by-side pose | output mp4 here")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that pick the config, networks, weights, device and dtype (shared with scripts/demo.py)."""
     model = p.add_argument_group("model and weights (config paths are relative to --models-dir)")
     model.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                        help="inference config YAML (default: the tiny random-weight demo)")  # fmt: skip
@@ -183,6 +173,35 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--guidance-scale", type=float, help="CFG scale w (1 = off, the student's default)")
     model.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     model.add_argument("--dtype", choices=["auto", *DTYPES], help="network dtype (default: bf16 on cuda, fp32 on cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument(
+        "--ref", type=Path, help="reference image (png/jpg); its size is the video's size (multiples of 16)"
+    )
+    io.add_argument(
+        "--pose", type=Path, help="pose input: a folder of drawn pose images, a pose video, or a keypoints JSON"
+    )
+    io.add_argument("--driving", type=Path,
+                    help="RGB driving video instead of --pose: its pose is extracted with DWPose (--det-onnx, "
+                         "--pose-onnx) and aligned to the reference")  # fmt: skip
+    io.add_argument("--ref-pose", type=Path,
+                    help="the reference's pose: a drawn pose image or a keypoints JSON (default: DWPose on --ref "
+                         "when its models are there, else pose-only input)")  # fmt: skip
+    io.add_argument("--no-align", action="store_true",
+                    help="draw keypoints as given instead of aligning them to the reference pose")  # fmt: skip
+    io.add_argument("--prompt", help="text prompt (default: the config's, 'a person is dancing')")
+    io.add_argument(
+        "--num-frames",
+        type=int,
+        help="video frames, 1 + 4k (default: the config's, else the longest 1 + 4k prefix of the pose)",
+    )
+    io.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
+    io.add_argument("--out", type=Path, default=Path("outputs/video.mp4"), help="output mp4, written atomically")
+    io.add_argument("--preview", type=Path, help="also write a side-by-side pose | output mp4 here")
+    add_model_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config values, e.g. guidance_scale=3.0")
     return p
 
@@ -245,11 +264,26 @@ def require_file(paths: dict[str, Path], key: str, why: str, models_dir: Path) -
 
 
 @dataclass
+class PoseInput:
+    """The pose clip, read as it is needed: `frames()` iterates uint8 [H, W, 3] frames from the first (memory does
+    not grow with the clip); `first` is frame 0 (read up front, so a bad file fails before any work); `count` is
+    the number of frames when it is known up front (None: the clip ends when its frames do)."""
+
+    first: np.ndarray
+    count: int | None
+    frames: Callable[[], Iterator[np.ndarray]]
+
+    @classmethod
+    def of_array(cls, frames: np.ndarray) -> PoseInput:
+        return cls(frames[0], len(frames), lambda: iter(frames))
+
+
+@dataclass
 class ClipInputs:
-    """uint8 RGB arrays: ref [H, W, 3], pose [F, H, W, 3], ref_pose [H, W, 3] or None; and the prompt."""
+    """uint8 RGB arrays ref [H, W, 3] and ref_pose [H, W, 3] or None; the pose frames (read lazily); the prompt."""
 
     ref: np.ndarray
-    pose: np.ndarray
+    pose: PoseInput
     ref_pose: np.ndarray | None
     prompt: str
 
@@ -304,22 +338,53 @@ def load_inputs(args: argparse.Namespace, cfg: InferenceConfig, paths: dict[str,
 
     align_to = None if args.no_align else ref_keypoints
     if args.driving is not None:
-        frames = _read("--driving", read_video, args.driving, "give a video ffmpeg can decode (e.g. H.264 mp4)")
-        keypoints = (detector or _dwpose(paths, args.models_dir, "cpu"))(frames)
-        pose = draw_pose_frames(keypoints if align_to is None else align_pose(keypoints, align_to), height, width)
+        video = _read("--driving", FrameStream, args.driving, "give a video ffmpeg can decode (e.g. H.264 mp4)")
+        keypoints = detect_keypoints(detector or _dwpose(paths, args.models_dir, "cpu"), video, "--driving")
+        pose = drawn_pose(keypoints if align_to is None else align_pose(keypoints, align_to), height, width)
     elif _is_json(args.pose):
-        drawn = _read("--pose", lambda p: load_pose_frames(p, height, width, align_to=align_to), args.pose,
-                      "give the keypoints JSON scripts/extract_pose.py wrote")  # fmt: skip
-        pose = drawn.permute(1, 2, 3, 0).to(torch.uint8).numpy()  # [3, F, H, W] -> [F, H, W, 3]
+        keypoints = _read("--pose", load_keypoints, args.pose, "give the JSON scripts/extract_pose.py wrote")
+        pose = drawn_pose(keypoints if align_to is None else align_pose(keypoints, align_to), height, width)
     else:
-        pose = _read("--pose", read_frames, args.pose,
-                     "give a folder of pose images, a pose video ffmpeg can decode, or a keypoints JSON")  # fmt: skip
+        stream = _read("--pose", FrameStream, args.pose,
+                       "give a folder of pose images, a pose video ffmpeg can decode, or a keypoints JSON")  # fmt: skip
+        pose = PoseInput(stream.first, stream.count, lambda: _checked_frames(stream, "--pose"))
     if ref_keypoints is not None:
         ref_pose = draw_pose_frames(ref_keypoints.select([0]), height, width)[0]
     if ref_pose is None:
         log.warning("no reference pose (--ref-pose, or DWPose models for --ref): pose-only input, the "
                     "reference-pose map stays zero")  # fmt: skip
     return ClipInputs(ref, pose, ref_pose, cfg.prompt)
+
+
+def drawn_pose(keypoints: PoseSequence, height: int, width: int) -> PoseInput:
+    """Keypoints (small, held whole) drawn a chunk of frames at a time as the clip plays."""
+    if len(keypoints) == 0:
+        raise InputError("the pose keypoints have no frames: give a clip with at least one frame")
+    return PoseInput(draw_pose_frames(keypoints.select([0]), height, width)[0], len(keypoints),
+                     lambda: iter_pose_frames(keypoints, height, width))  # fmt: skip
+
+
+def detect_keypoints(detector: DWPoseDetector, video: FrameStream, flag: str, chunk: int = 16) -> PoseSequence:
+    """DWPose over a video read a chunk at a time (only the keypoints, ~1 KB a frame, are kept)."""
+    parts, frames = [], []
+    for frame in _checked_frames(video, flag):
+        frames.append(frame)
+        if len(frames) == chunk:
+            parts.append(detector(np.stack(frames)))
+            frames = []
+    if frames:
+        parts.append(detector(np.stack(frames)))
+    fields = ("body", "body_score", "hands", "hand_score")
+    return PoseSequence(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields), parts[0].width,
+                        parts[0].height)  # fmt: skip
+
+
+def _checked_frames(stream: FrameStream, flag: str) -> Iterator[np.ndarray]:
+    """A FrameStream whose read errors (a frame of another size, a broken file) name the flag."""
+    try:
+        yield from stream
+    except (VideoReadError, OSError) as e:
+        raise InputError(f"{flag}: {str(e).splitlines()[0]}") from e
 
 
 def synthetic_inputs(cfg: InferenceConfig, seed: int) -> ClipInputs:
@@ -330,24 +395,25 @@ def synthetic_inputs(cfg: InferenceConfig, seed: int) -> ClipInputs:
     sample = generate_sample(load_world_config(height=clip.height, width=clip.width, num_frames=clip.num_frames), seed)
     log.info("no --ref / --pose: a synthetic %dx%d clip of %d frames (%s)", clip.height, clip.width,
              clip.num_frames, sample.prompt)  # fmt: skip
-    return ClipInputs(sample.ref_image, sample.pose, sample.ref_pose, cfg.prompt)
+    return ClipInputs(sample.ref_image, PoseInput.of_array(sample.pose), sample.ref_pose, cfg.prompt)
 
 
-def check_inputs(inputs: ClipInputs, args: argparse.Namespace, num_frames: int | None) -> int:
-    """Validate sizes and lengths before any network is loaded; returns the number of video frames."""
+def check_inputs(inputs: ClipInputs, args: argparse.Namespace, num_frames: int | None) -> int | None:
+    """Validate sizes and lengths before any network is loaded; returns the number of video frames (None: a pose
+    video whose length is known only at its end)."""
     ref = to_image_tensor(inputs.ref)
-    pose = to_pose_tensor(inputs.pose[:1])  # one frame: sizes only
+    pose = to_pose_tensor(inputs.pose.first[None])  # one frame: sizes only
     flag = "--driving" if args.driving is not None else "--pose"
     pose_source = args.pose or args.driving or "(synthetic clip)"
-    have = inputs.pose.shape[0]
-    if num_frames is None:
+    have = inputs.pose.count
+    if num_frames is None and have is not None:
         num_frames = (have - 1) // 4 * 4 + 1
-    if num_frames < 1:
+    if num_frames is not None and num_frames < 1:
         raise InputError(f"--num-frames {num_frames} must be at least 1: use 1 + 4k frames (1, 5, 9, ..., 81)")
-    if (num_frames - 1) % 4:
+    if num_frames is not None and (num_frames - 1) % 4:
         below = (num_frames - 1) // 4 * 4 + 1
         raise InputError(f"--num-frames {num_frames} is not 1 + 4k: use {below} or {below + 4}")
-    if have < num_frames:
+    if have is not None and have < num_frames:
         raise InputError(f"{flag} {pose_source} has {have} frames but --num-frames is {num_frames}: give a longer "
                          f"pose clip or ask for at most {(have - 1) // 4 * 4 + 1} frames")  # fmt: skip
     try:
@@ -378,11 +444,29 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_network(cfg: InferenceConfig, device: torch.device, dtype: torch.dtype) -> WanModel:
-    overrides = {k: getattr(cfg, k) for k in ("local_attn_size", "sink_size") if getattr(cfg, k) is not None}
+def build_network(cfg: InferenceConfig, device: torch.device, dtype: torch.dtype, latent_frames: int | None = None):
+    """The configured network; latent_frames (None: unknown) picks the long-clip window (window_overrides)."""
+    overrides: dict = window_overrides(cfg, latent_frames)
     if cfg.guidance_embed:
         overrides["guidance_embed"] = True
     return build_model(cfg.preset, device=device, dtype=dtype, **overrides)
+
+
+def window_overrides(cfg: InferenceConfig, latent_frames: int | None) -> dict[str, int]:
+    """local_attn_size / sink_size for the network: the config's, else the long-clip window for a causal preset that
+    attends globally when the clip is longer than the window + sink or of unknown length."""
+    overrides = {k: getattr(cfg, k) for k in ("local_attn_size", "sink_size") if getattr(cfg, k) is not None}
+    preset = PRESETS[cfg.preset]
+    if preset.get("arch") != "causal" or "local_attn_size" in overrides or preset.get("local_attn_size", -1) > 0:
+        return overrides
+    window = cfg.long_clip_window + cfg.long_clip_sink
+    if latent_frames is None or latent_frames > window:
+        log.info("%s latent frames, more than the %d the %s preset attends to at once: streaming through a local "
+                 "window of %d + a sink of %d (long_clip_window, long_clip_sink)",
+                 "an unknown number of" if latent_frames is None else latent_frames, window, cfg.preset,
+                 cfg.long_clip_window, cfg.long_clip_sink)  # fmt: skip
+        overrides = {"local_attn_size": cfg.long_clip_window, "sink_size": cfg.long_clip_sink}
+    return overrides
 
 
 def required_files(cfg: InferenceConfig, paths: dict[str, Path], models_dir: Path) -> dict[str, Path]:
@@ -419,9 +503,10 @@ def check_weight_files(path: Path, flag: str) -> None:
             raise InputError(f"{flag} {file} cannot be read ({e}); check it or download it again") from None
 
 
-def load_networks(cfg: InferenceConfig, files: dict[str, Path], text_cache: Path, device, dtype):
+def load_networks(cfg: InferenceConfig, files: dict[str, Path], text_cache: Path, device, dtype,
+                  latent_frames: int | None = None):  # fmt: skip
     """(model, vae, text encoder, image encoder) from the checkpoint files (see required_files)."""
-    model = build_network(cfg, device, dtype)
+    model = build_network(cfg, device, dtype, latent_frames)
     # Pose encoders may be absent from the checkpoint only when --pose-weights supplies them.
     fresh = [f"{prefix}*" for prefix in POSE_PREFIXES] if "pose_weights" in files else []
     try:
@@ -439,7 +524,7 @@ def load_networks(cfg: InferenceConfig, files: dict[str, Path], text_cache: Path
     return model.eval().requires_grad_(False), vae, text_encoder, image_encoder
 
 
-def random_networks(cfg: InferenceConfig, folder: Path, device, dtype, seed: int = 0):
+def random_networks(cfg: InferenceConfig, folder: Path, device, dtype, seed: int = 0, latent_frames: int | None = None):
     """The network and tiny VAE / T5 / CLIP (the test suite's tiny configs, sized to the network's inputs) with
     random weights from `seed`, built in memory, saved to `folder` and loaded through the same loaders as real
     weights."""
@@ -449,7 +534,7 @@ def random_networks(cfg: InferenceConfig, folder: Path, device, dtype, seed: int
     from utils.tiny_assets import TINY_VAE_CONFIG, make_tokenizer, tiny_clip_config, tiny_umt5_config
 
     torch.manual_seed(seed)
-    model = build_network(cfg, device, dtype)
+    model = build_network(cfg, device, dtype, latent_frames)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -512,47 +597,71 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         return generate(args, cfg, paths, files, inputs, num_frames, device, dtype)
 
 
-def generate(args, cfg: InferenceConfig, paths, files, inputs: ClipInputs, num_frames: int, device, dtype) -> dict:
-    """Load the networks, stream the clip and write the outputs (run's checks done, outputs locked)."""
+def generate(args, cfg: InferenceConfig, paths, files, inputs: ClipInputs, num_frames: int | None, device,
+             dtype) -> dict:  # fmt: skip
+    """Load the networks, stream the clip and write the outputs (run's checks done, outputs locked). The student
+    reads the pose as it goes and writes each block's frames as they are decoded (memory does not grow with the
+    clip); the files appear, atomically, when the clip is done."""
     start = time.perf_counter()
+    latent_frames = None if num_frames is None else (num_frames - 1) // 4 + 1
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         if cfg.random_weights:
             log.warning("random_weights: the %s network, VAE, text and image encoders have RANDOM weights; the "
                         "output is noise, not a video", cfg.preset)  # fmt: skip
-            networks = random_networks(cfg, Path(scratch), device, dtype)
+            networks = random_networks(cfg, Path(scratch), device, dtype, latent_frames=latent_frames)
         else:
-            networks = load_networks(cfg, files, paths["text_cache"], device, dtype)
+            networks = load_networks(cfg, files, paths["text_cache"], device, dtype, latent_frames)
         pipeline = make_pipeline(cfg, *networks)
         load_s = time.perf_counter() - start
 
         start = time.perf_counter()
+        shown: deque[np.ndarray] = deque()  # pose frames read ahead of the preview (a few blocks at most)
+
+        def pose_frames() -> Iterator[np.ndarray]:
+            for frame in inputs.pose.frames():
+                if args.preview:
+                    shown.append(frame)
+                yield frame
+
+        ref = to_image_tensor(inputs.ref)
         ref_pose = None if inputs.ref_pose is None else to_pose_tensor(inputs.ref_pose)
-        clip = pipeline.prepare(to_image_tensor(inputs.ref), to_pose_tensor(inputs.pose[:num_frames]), inputs.prompt,
-                                num_frames, ref_pose)  # fmt: skip
+        streaming = isinstance(pipeline, StreamingPosePipeline) and pipeline.model.pose_dim is not None
+        if streaming:
+            clip = pipeline.prepare_stream(ref, pose_frames(), inputs.prompt, ref_pose, max_frames=num_frames)
+        else:  # the teacher samples the whole clip at once
+            pose = np.stack(list(itertools.islice(pose_frames(), num_frames)))
+            clip = pipeline.prepare(ref, to_pose_tensor(pose), inputs.prompt, num_frames, ref_pose)
         prepare_s = time.perf_counter() - start
 
         num_blocks = 1
         if isinstance(pipeline, StreamingPosePipeline):
-            num_blocks = -(-clip.latent_frames // pipeline.model.num_frame_per_block)
-        log.info("%s: %d frames at %dx%d, %d block(s), seed %d, guidance %.2f", cfg.preset, num_frames,
-                 *inputs.ref.shape[:2], num_blocks, args.seed, cfg.guidance_scale)  # fmt: skip
-        frames, block_times = [], []
+            n = pipeline.model.num_frame_per_block
+            num_blocks = None if latent_frames is None else -(-latent_frames // n)
+        log.info("%s: %s frames at %dx%d, %s block(s), seed %d, guidance %.2f", cfg.preset, num_frames or "all",
+                 *inputs.ref.shape[:2], num_blocks or "all", args.seed, cfg.guidance_scale)  # fmt: skip
+        block_times, written = [], 0
         start = time.perf_counter()
-        for block in tqdm(pipeline.stream(clip, args.seed), total=num_blocks, desc="blocks", unit="block"):
-            frames.append(to_uint8_frames(block.frames))  # copies to the host: the block is really done
-            block_times.append(time.perf_counter() - start)
-    video = np.concatenate(frames)
-    if args.preview:
-        write_video(args.preview, np.concatenate([inputs.pose[:num_frames], video], axis=2), cfg.fps)
-    write_video(args.out, video, cfg.fps)
+        with contextlib.ExitStack() as writers:
+            out = writers.enter_context(VideoWriter(args.out, cfg.fps))
+            preview = writers.enter_context(VideoWriter(args.preview, cfg.fps)) if args.preview else None
+            for block in tqdm(pipeline.stream(clip, args.seed), total=num_blocks, desc="blocks", unit="block"):
+                video = to_uint8_frames(block.frames)  # copies to the host: the block is really done
+                out.write(video)
+                if preview is not None:
+                    pose = np.stack([shown.popleft() for _ in range(len(video))])
+                    preview.write(np.concatenate([pose, video], axis=2))
+                written += len(video)
+                block_times.append(time.perf_counter() - start)
+            if not written:
+                raise InputError(f"{'--driving' if args.driving else '--pose'}: the pose clip has no frames")
     stats = {
         "load_s": load_s, "conditioning_s": prepare_s, "first_block_s": block_times[0],
-        "generation_s": block_times[-1], "fps": len(video) / block_times[-1],
+        "generation_s": block_times[-1], "fps": written / block_times[-1],
     }  # fmt: skip
-    log.info("wrote %s (%d frames, %dx%d, %g fps)%s", args.out, len(video), video.shape[1], video.shape[2], cfg.fps,
+    log.info("wrote %s (%d frames, %dx%d, %g fps)%s", args.out, written, *inputs.ref.shape[:2], cfg.fps,
              f" and {args.preview}" if args.preview else "")  # fmt: skip
     log.info("generation %.3f s for %d frames = %.1f FPS (diffusion + VAE decode); first block after %.3f s; "
-             "conditioning %.3f s; loading %.1f s", stats["generation_s"], len(video), stats["fps"],
+             "conditioning %.3f s; loading %.1f s", stats["generation_s"], written, stats["fps"],
              stats["first_block_s"], prepare_s, load_s)  # fmt: skip
     return stats
 

@@ -7,21 +7,27 @@ pose clip into pose tokens and the reference-pose map (added to `y`). Per block 
 (pipeline.rollout.stream_latents): a few denoising steps through the KV cache (re-noising the x0 prediction
 between steps), one clean pass at t = 0 that writes the block's K/V for the blocks after it, and the block's
 latents go straight to the streaming VAE.
+
+`StreamingPosePipeline.prepare_stream` takes the pose as an iterator instead (a file read lazily, a queue fed
+live): pose tokens and `y` are then made block by block (pipeline/streaming.py), so with a local attention window
+a clip of any length streams with memory that does not grow with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pipeline.conditions import VAE_STRIDE, Conditions, image_condition  # noqa: F401 (image_condition: re-export)
 from pipeline.rollout import DEFAULT_STEPS, stream_latents
+from pipeline.streaming import ImageConditionStream, PoseTokenStream, StreamConditions
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.model import WanModel
-from wan.modules.pose import pose_latent_frames
+from wan.modules.pose import pose_latent_frames, ref_pose_map
 
 if TYPE_CHECKING:  # the VAE wrapper pulls in diffusers; the latent-only path does not need it
     from utils.wan_wrapper import WanVAE
@@ -50,6 +56,21 @@ class PreparedClip:
     @property
     def latent_frames(self) -> int:
         return pose_latent_frames(self.num_frames)
+
+
+@dataclass
+class StreamClip:
+    """A clip whose pose arrives as it plays (StreamingPosePipeline.prepare_stream): conditions made block by
+    block; it ends with its pose stream or after max_latent_frames."""
+
+    cond: StreamConditions
+    uncond: StreamConditions | None
+    latent_size: tuple[int, int]
+    max_latent_frames: int | None = None
+
+    @property
+    def pose(self) -> PoseTokenStream | None:
+        return self.cond.pose
 
 
 @dataclass
@@ -206,8 +227,60 @@ class StreamingPosePipeline(PosePipeline):
         super().__init__(model, vae, text_encoder, image_encoder, guidance_scale, negative_prompt)
         self.steps = tuple(float(t) for t in steps)
 
-    def latent_blocks(self, clip: PreparedClip, generator: torch.Generator) -> Iterator[tuple[int, torch.Tensor]]:
+    @torch.no_grad()
+    def prepare_stream(
+        self,
+        ref_image: torch.Tensor,
+        pose_frames: Iterable[np.ndarray],
+        prompt: str,
+        ref_pose: torch.Tensor | None = None,
+        max_frames: int | None = None,
+        precompute_y: bool = True,
+    ) -> StreamClip:
+        """A clip whose pose frames come from an iterator, read only as far as each block needs (4 frames past
+        the block: pose_lookahead). ref_image [1, 3, H, W] in [-1, 1]; pose_frames yields uint8 RGB frames
+        [H, W, 3] (or [n, H, W, 3]) at the reference's size; ref_pose [1, 3, H, W] in 0..255 or None; the
+        video ends with the pose stream (its last 1 + 4k frames) or after max_frames video frames.
+        precompute_y: encode `y` up front (until it repeats, ~29 latent frames, or the clip's length: steady block
+        times) rather than as the blocks need it (a lower first-frame latency, slower first blocks).
+
+        An unbounded stream (max_frames None) needs a local attention window (local_attn_size), so that the KV
+        cache does not grow; with global attention the cache holds max_frames.
+        """
+        if self.model.pose_dim is None:
+            raise ValueError("prepare_stream needs a pose model (pose_dim): the pose stream is what ends the clip")
+        if self.model.local_attn_size <= 0 and max_frames is None:
+            raise ValueError(
+                "an unbounded stream needs a local attention window: build the model with local_attn_size (e.g. "
+                "18) and sink_size (e.g. 3), or give max_frames"
+            )
+        max_latent = None if max_frames is None else pose_latent_frames(max_frames)
+        check_clip_inputs(ref_image, torch.zeros(1, 3, 1, *ref_image.shape[-2:]), 1)
+        if ref_image.shape[0] != 1:
+            raise ValueError(f"a stream is one clip: ref_image must be [1, 3, H, W]; got {tuple(ref_image.shape)}")
+        device = self.device
+        height, width = ref_image.shape[-2:]
+        ref_image = ref_image.to(device)
+        context = self.text_encoder([prompt]).to(device)
+        ref_map = None if ref_pose is None else ref_pose_map(self.model, ref_pose.to(device), (height, width))
+        clip_fea = y = None
+        if self.model.model_type == "i2v":
+            clip_fea = self.image_encoder(ref_image)
+            y = ImageConditionStream(self.vae, ref_image, self.model.in_dim - self.model.out_dim, ref_map)
+            if precompute_y:
+                y.precompute(max_latent)
+        pose = PoseTokenStream(self.model, pose_frames, (height, width), device, max_frames)
+        cond = StreamConditions(context, clip_fea, y, pose, max_latent)
+        uncond = None
+        if self.guidance_scale != 1.0:
+            uncond = cond.unconditional(self.text_encoder([self.negative_prompt]).to(device))
+        return StreamClip(cond, uncond, (height // VAE_STRIDE[1], width // VAE_STRIDE[2]), max_latent)
+
+    def latent_blocks(
+        self, clip: PreparedClip | StreamClip, generator: torch.Generator
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        frames = clip.max_latent_frames if isinstance(clip, StreamClip) else clip.latent_frames
         return stream_latents(
-            self.model, clip.cond, clip.latent_frames, clip.latent_size, self.steps, generator=generator,
+            self.model, clip.cond, frames, clip.latent_size, self.steps, generator=generator,
             dtype=self.dtype, uncond=clip.uncond, guidance_scale=self.guidance_scale,
         )  # fmt: skip

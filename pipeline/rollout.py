@@ -172,7 +172,7 @@ def few_step(steps: Sequence[float], noise: NoiseFn, exit_index: int | None = No
 def block_rollout(
     model: CausalWanModel,
     cond: Conditions,
-    num_frames: int,
+    num_frames: int | None,
     latent_size: tuple[int, int],
     policy: BlockPolicy,
     *,
@@ -185,11 +185,16 @@ def block_rollout(
     block finishes.
 
     Per block of model.num_frame_per_block frames: `policy(block)` makes it, calling block.flow, which sees the
-    KV cache of the blocks before; then a no-grad pass of its clean latents at t = context_t writes its own K/V
-    for the blocks after it (none after the last). With guidance != 1 every flow is guided and the
-    unconditional branch keeps a cache of its own. Under autograd the cache is read detached (CausalWanModel),
+    KV cache of the blocks before; once it is yielded, a no-grad pass of its clean latents at t = context_t
+    writes its own K/V for the blocks after it (none after the last). With guidance != 1 every flow is guided and
+    the unconditional branch keeps a cache of its own. Under autograd the cache is read detached (CausalWanModel),
     so no gradient crosses blocks through it. With a local attention window any num_frames streams through a
     fixed-size cache. A CFG-distilled model keeps one branch and gets w in every pass, the context pass too.
+
+    `cond` (and `uncond`) may be streams (pipeline.streaming.StreamConditions) whose block() returns each block's
+    conditions, possibly fewer frames for the last one, and None after it: the rollout then ends with the stream,
+    num_frames (if given) being the most it makes. num_frames=None (no end but the stream's) needs a local
+    attention window.
     """
     two_branches = guidance != 1.0 and not is_guided(model)
     if two_branches and uncond is None:
@@ -202,28 +207,42 @@ def block_rollout(
     w = guidance_input(model, guidance, batch, device)
     caches = [model.new_kv_cache(batch, num_frames, cache_dtype, device, latent_size=latent_size) for _ in branches]
     pair = (caches[0], caches[1] if len(caches) > 1 else None)
-    for start in range(0, num_frames, n):
-        frames = min(n, num_frames - start)
+    start = 0
+    while num_frames is None or start < num_frames:
+        frames = n if num_frames is None else min(n, num_frames - start)
         block_branches = [c.block(start, frames, tokens_per_frame) for c in branches]
+        if block_branches[0] is None:  # a stream that ended
+            return
+        frames = block_frames(block_branches[0], tokens_per_frame, frames)  # a stream's last block may be shorter
         c_blk, u_blk = block_branches[0], block_branches[1] if len(block_branches) > 1 else None
 
         def flow(x: torch.Tensor, t: torch.Tensor, c=c_blk, u=u_blk, s=start) -> torch.Tensor:
             return cfg_flow(model, x, t, c, u, guidance, pair, s)
 
         out, clean = policy(Block(start, (batch, model.out_dim, frames, height, width), flow))
-        if start + frames < num_frames:
+        yield start, out
+        if num_frames is None or start + frames < num_frames:
             with torch.no_grad():
                 t_ctx = torch.full((batch, frames), float(context_t), device=device)
                 for branch, cache in zip(block_branches, caches, strict=True):
                     model(clean, t_ctx, **branch, kv_cache=cache, current_start_frame=start, **w)
-        yield start, out
+        start += frames
+
+
+def block_frames(cond: Conditions, tokens_per_frame: int, default: int) -> int:
+    """The latent frames one block's conditions cover (from y, else the pose tokens, else `default`)."""
+    if cond.y is not None:
+        return cond.y.shape[2]
+    if cond.pose_tokens is not None:
+        return cond.pose_tokens.shape[1] // tokens_per_frame
+    return default
 
 
 @torch.no_grad()
 def stream_latents(
     model: CausalWanModel,
     cond: Conditions,
-    num_frames: int,
+    num_frames: int | None,
     latent_size: tuple[int, int],
     steps: Sequence[float] = DEFAULT_STEPS,
     context_t: float = 0.0,
@@ -235,7 +254,8 @@ def stream_latents(
     """The student's streaming sampler: yield (start_frame, clean latents [B, 16, n, H, W]) for each block as
     soon as it exists (block_rollout with the few_step policy; the K/V cached in `dtype`).
 
-    num_frames and latent_size are in latent frames and latent pixels. Deterministic for a seeded `generator`.
+    num_frames and latent_size are in latent frames and latent pixels (num_frames None: until a streamed `cond`
+    ends, see block_rollout). Deterministic for a seeded `generator`.
     With `uncond` and guidance_scale != 1 each step is guided (u + w (c - u)).
     """
     device = cond.context.device

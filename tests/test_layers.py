@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "pipeline.self_forcing_rollout",
             "pipeline.ode_pairs",
             "pipeline.world",
+            "pipeline.streaming",
         ),
     ),
     ("trainer", ("trainer",)),

@@ -423,6 +423,65 @@ class WanVAE(nn.Module):
     def streaming_decoder(self) -> StreamingVAEDecoder:
         return StreamingVAEDecoder(self)
 
+    def streaming_encoder(self) -> StreamingVAEEncoder:
+        return StreamingVAEEncoder(self)
+
+
+def _check_diffusers_pin(adapter: str, version: str) -> None:
+    if diffusers.__version__ != version:
+        raise RuntimeError(
+            f"{adapter} uses AutoencoderKLWan internals of diffusers {version}, but diffusers "
+            f"{diffusers.__version__} is installed. Install diffusers=={version}, or check the adapter against "
+            "the new version (tests/test_wan_wrapper.py, tests/test_streaming.py) and update the pin."
+        )
+
+
+class StreamingVAEEncoder:
+    """Encodes a video chunk by chunk (its first frame, then 4 frames per call) with the causal feature cache kept
+    across calls: the concatenated latents equal one encode() of the whole video (fp32), with memory that does
+    not grow with the video. Drives diffusers' encoder(feat_cache, feat_idx) as its _encode loop does: private
+    API, pinned like StreamingVAEDecoder.
+
+    `state()` is the causal cache after the last chunk; two equal states fed the same frames give the same
+    latents forever after (pipeline/streaming.py uses it to stop encoding the constant tail of `y`).
+    """
+
+    DIFFUSERS_VERSION = "0.42.1"
+
+    def __init__(self, vae: WanVAE) -> None:
+        _check_diffusers_pin("StreamingVAEEncoder", self.DIFFUSERS_VERSION)
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        if vae.vae.config.patch_size is not None:
+            raise ValueError("StreamingVAEEncoder supports the Wan2.1 VAE layout (no patchified input)")
+        self.vae = vae
+        self._num_cached_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.vae.encoder.modules())
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new video."""
+        self._feat_cache: list = [None] * self._num_cached_convs
+        self.num_frames = 0
+
+    def state(self) -> list:
+        """The causal cache (tensors, or None / markers for convs that have not cached yet)."""
+        return self._feat_cache
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """[B, 3, n, H, W] in [-1, 1] (n = 1 for a video's first frame, else 4) -> normalised posterior mean
+        [B, 16, 1, H/8, W/8], fp32."""
+        want = 1 if self.num_frames == 0 else 4
+        if frames.dim() != 5 or frames.shape[2] != want:
+            raise ValueError(
+                f"the streaming VAE encoder takes a video's first frame alone, then 4 frames per call; got "
+                f"{tuple(frames.shape)} after {self.num_frames} frames"
+            )
+        inner = self.vae.vae
+        out = inner.encoder(frames.float(), feat_cache=self._feat_cache, feat_idx=[0])
+        self.num_frames += want
+        mu, _ = inner.quant_conv(out).chunk(2, dim=1)  # the posterior's (mean, logvar)
+        return self.vae.normalize(mu)
+
 
 class StreamingVAEDecoder:
     """Decodes latents chunk by chunk with the causal feature cache kept across calls.
@@ -435,13 +494,7 @@ class StreamingVAEDecoder:
     DIFFUSERS_VERSION = "0.42.1"
 
     def __init__(self, vae: WanVAE) -> None:
-        if diffusers.__version__ != self.DIFFUSERS_VERSION:
-            raise RuntimeError(
-                f"StreamingVAEDecoder uses AutoencoderKLWan internals of diffusers {self.DIFFUSERS_VERSION}, "
-                f"but diffusers {diffusers.__version__} is installed. Install diffusers=="
-                f"{self.DIFFUSERS_VERSION}, or check the adapter against the new version "
-                f"(tests/test_wan_wrapper.py) and update the pin."
-            )
+        _check_diffusers_pin("StreamingVAEDecoder", self.DIFFUSERS_VERSION)
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
         self.vae = vae

@@ -1,7 +1,7 @@
 """Pose tools: the keypoint format, DWPose-style drawing, alignment to a reference, loading, extraction."""
 
 from utils.pose.align import align_pose
-from utils.pose.draw import draw_pose_frames
+from utils.pose.draw import draw_pose_frames, iter_pose_frames
 from utils.pose.extract import DWPoseDetector, DWPoseUnavailable
 from utils.pose.keypoints import (
     BODY_NAMES,
@@ -22,6 +22,7 @@ __all__ = [
     "align_pose",
     "coco_wholebody_to_openpose",
     "draw_pose_frames",
+    "iter_pose_frames",
     "load_keypoints",
     "load_pose_frames",
     "save_keypoints",

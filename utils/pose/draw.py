@@ -14,6 +14,7 @@ channel-reversed canvas: exactly the tensors UniAnimate's pose encoder saw in tr
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -316,3 +317,9 @@ def draw_pose_frames(pose: PoseSequence, height: int, width: int) -> np.ndarray:
             if frames.size:
                 _stamp(canvas, frames, hands[frames, hand, k], dot, HAND_DOT_COLOR)
     return np.ascontiguousarray(canvas[..., ::-1])
+
+
+def iter_pose_frames(pose: PoseSequence, height: int, width: int, chunk: int = 16) -> Iterator[np.ndarray]:
+    """draw_pose_frames one chunk of frames at a time: uint8 [H, W, 3] frames, memory that does not grow with F."""
+    for start in range(0, len(pose), chunk):
+        yield from draw_pose_frames(pose.select(slice(start, start + chunk)), height, width)

@@ -88,17 +88,162 @@ def encode_pose(
     h = F.conv3d(h, w, b, stride=enc[-1].stride)  # [B, dim, F_lat, H/16, W/16]
     tokens = h.flatten(2).transpose(1, 2)  # [B, F_lat*h*w, dim]
 
-    ref_map = None
-    if ref_pose is not None:
-        if not hasattr(model, "randomref_embedding_pose"):
-            raise ValueError("a reference pose needs an i2v pose model (the map is added to y)")
-        if ref_pose.dim() != 4 or tuple(ref_pose.shape[-2:]) != (height, width):
-            raise ValueError(
-                f"ref_pose must be [B, 3, {height}, {width}] like the pose frames; got {tuple(ref_pose.shape)}"
-            )
-        ref_enc = model.randomref_embedding_pose
-        ref_map = ref_enc(ref_pose.to(ref_enc[0].weight.dtype) / 255.0)[:, :, None]  # [B, y_ch, 1, H/8, W/8]
+    ref_map = None if ref_pose is None else ref_pose_map(model, ref_pose, (height, width))
     return tokens, ref_map
+
+
+def ref_pose_map(model: WanModel, ref_pose: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The reference-pose map added to `y`: ref_pose [B, 3, H, W] in 0..255 -> [B, y_ch, 1, H/8, W/8]."""
+    height, width = size
+    if not hasattr(model, "randomref_embedding_pose"):
+        raise ValueError("a reference pose needs an i2v pose model (the map is added to y)")
+    if ref_pose.dim() != 4 or tuple(ref_pose.shape[-2:]) != (height, width):
+        raise ValueError(
+            f"ref_pose must be [B, 3, {height}, {width}] like the pose frames; got {tuple(ref_pose.shape)}"
+        )
+    ref_enc = model.randomref_embedding_pose
+    return ref_enc(ref_pose.to(ref_enc[0].weight.dtype) / 255.0)[:, :, None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming: pose tokens of each latent frame from a bounded window of pose frames
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pose_receptive_field(model: WanModel) -> tuple[int, int, int]:
+    """(left, right, stride) of dwpose_embedding along time, read from its Conv3d layers: latent frame j of the
+    whole-clip encoding depends on padded input frames [stride*j - left, stride*j + right] (the padded input is
+    the first pose frame 3 more times, then the clip). UniAnimate's layers give (7, 7, 4): three k3/s1/p1 convs,
+    one k3/s1/p1 (stride 2 in space only), two k3/s2/p1, one k1/s1/p0."""
+    left = right = 0
+    stride = 1
+    for conv in model.dwpose_embedding:
+        if not isinstance(conv, nn.Conv3d):
+            continue
+        (k, s, p), dilation = (conv.kernel_size[0], conv.stride[0], conv.padding[0]), conv.dilation[0]
+        if dilation != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError(f"pose encoder conv {conv} has a temporal layout the streaming encoder does not know")
+        left += p * stride  # output o reads inputs s*o - p .. s*o - p + k - 1 of this layer
+        right += (k - 1 - p) * stride
+        stride *= s
+    return left, right, stride
+
+
+def pose_lookahead(model: WanModel) -> int:
+    """Pose frames past a latent frame's last pose frame that its tokens depend on (4 for UniAnimate's encoder:
+    latent frame j covers pose frames up to 4j and needs frames up to 4j + 4, or the end of the clip)."""
+    _, right, stride = pose_receptive_field(model)
+    if stride != 4:
+        raise ValueError(f"the pose encoder's temporal stride is {stride}; the VAE's 1 + 4k layout needs 4")
+    return right - FIRST_FRAME_REPEATS
+
+
+class _TemporalConvStream:
+    """One Conv3d (+ activation) run over a growing time axis: each output frame is computed once, as soon as the
+    input frames it reads are there, from a buffer of at most kernel + stride - 1 input frames. The conv's own
+    zero padding in time becomes explicit zero frames at the start and, on finish(), at the end, so the outputs
+    are those of the conv over the whole sequence. Spatial padding and strides stay the conv's."""
+
+    def __init__(self, conv: nn.Conv3d, weight: torch.Tensor, bias: torch.Tensor | None, activation: bool):
+        self.weight, self.bias, self.activation = weight, bias, activation
+        self.k, self.s, self.p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        self.spatial_stride, self.spatial_padding = (1, *conv.stride[1:]), (0, *conv.padding[1:])
+        self.stride = (self.s, *conv.stride[1:])
+        self.buffer: torch.Tensor | None = None  # [B, C, t, H, W], input frames from index `first` on
+        self.first = -self.p  # input-frame index of buffer[:, :, 0] (the left zero padding is frames -p .. -1)
+        self.next_out = 0
+
+    def push(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Input frames [B, C, n, H, W] -> the output frames that became computable (or None)."""
+        if self.buffer is None:
+            self.buffer = torch.cat([x.new_zeros(*x.shape[:2], self.p, *x.shape[3:]), x], dim=2)
+        else:
+            self.buffer = torch.cat([self.buffer, x], dim=2)
+        return self._emit()
+
+    def finish(self) -> torch.Tensor | None:
+        """The end of the sequence: the right zero padding, then the remaining outputs."""
+        if self.buffer is None:
+            return None
+        b = self.buffer
+        self.buffer = torch.cat([b, b.new_zeros(*b.shape[:2], self.p, *b.shape[3:])], dim=2)
+        return self._emit()
+
+    def _emit(self) -> torch.Tensor | None:
+        have = self.first + self.buffer.shape[2]  # input frames [.., have) are known
+        last = (have - self.k + self.p) // self.s  # the last output whose inputs s*o - p + k - 1 < have
+        if last < self.next_out:
+            return None
+        lo = self.s * self.next_out - self.p - self.first
+        hi = self.s * last - self.p + self.k - self.first
+        y = F.conv3d(self.buffer[:, :, lo:hi], self.weight, self.bias, stride=self.stride,
+                     padding=self.spatial_padding)  # fmt: skip
+        keep = self.s * (last + 1) - self.p  # the first input frame a later output reads
+        self.buffer = self.buffer[:, :, keep - self.first :]
+        self.first, self.next_out = keep, last + 1
+        return F.silu(y) if self.activation else y
+
+
+class StreamingPoseEncoder:
+    """encode_pose's pose tokens for a clip fed a few pose frames at a time: push(frames) returns the tokens of
+    every latent frame that became computable, finish() those of the last ones (the clip's end pads like the
+    whole-clip encoding). Each conv keeps at most kernel + stride - 1 frames of its input, so memory does not grow
+    with the clip; every frame is computed once. The tokens equal encode_pose's (fp32: rel. error ~1e-7).
+
+    Latent frame j's tokens come out once pose frames up to 4j + lookahead (pose_lookahead: 4) are pushed, or at
+    finish(). The clip may have any length; encode_pose's 1 + 4k frames give its k + 1 latent frames.
+    """
+
+    def __init__(self, model: WanModel):
+        pose_lookahead(model)  # checks the stride
+        self.model = model
+        enc = model.dwpose_embedding
+        self.dtype = enc[0].weight.dtype
+        convs = [m for m in enc if isinstance(m, nn.Conv3d)]
+        w, b = folded_last_layer(model)
+        self.layers = [_TemporalConvStream(c, c.weight, c.bias, activation=True) for c in convs[:-1]]
+        self.layers.append(_TemporalConvStream(convs[-1], w, b, activation=False))
+        self.size: tuple[int, int] | None = None
+        self.batch = 0
+        self.frames_in = 0
+        self.latent_frames_out = 0
+
+    def push(self, pose_frames: torch.Tensor) -> torch.Tensor:
+        """pose_frames [B, 3, n, H, W] in 0..255, the next n frames of the clip -> tokens [B, m*h*w, dim] of the
+        m latent frames that are now complete (m may be 0)."""
+        if pose_frames.dim() != 5 or pose_frames.shape[1] != 3:
+            raise ValueError(f"pose_frames must be [B, 3, n, H, W] in 0..255; got shape {tuple(pose_frames.shape)}")
+        size = tuple(pose_frames.shape[-2:])
+        if self.size is None:
+            if size[0] % 16 or size[1] % 16:
+                raise ValueError(f"pose frames are {size[0]}x{size[1]}; height and width must be multiples of 16")
+            self.size, self.batch = size, pose_frames.shape[0]
+        elif size != self.size:
+            raise ValueError(f"pose frames are {size[0]}x{size[1]} but the clip's first frames were "
+                             f"{self.size[0]}x{self.size[1]}: every pose frame needs the same size")  # fmt: skip
+        x = pose_frames
+        if self.frames_in == 0 and x.shape[2]:
+            x = torch.cat([x[:, :, :1].expand(-1, -1, FIRST_FRAME_REPEATS, -1, -1), x], dim=2)
+        self.frames_in += pose_frames.shape[2]
+        return self._run(x.to(self.dtype) / 255.0, finish=False)
+
+    def finish(self) -> torch.Tensor:
+        """The end of the clip: tokens [B, m*h*w, dim] of the remaining latent frames."""
+        return self._run(None, finish=True)
+
+    def _run(self, x: torch.Tensor | None, finish: bool) -> torch.Tensor:
+        for layer in self.layers:
+            if x is not None and x.shape[2]:
+                x = layer.push(x)
+                if finish:
+                    tail = layer.finish()
+                    x = x if tail is None else (tail if x is None else torch.cat([x, tail], dim=2))
+            else:
+                x = layer.finish() if finish else None
+        if x is None:
+            return self.layers[-1].weight.new_zeros(self.batch, 0, self.layers[-1].weight.shape[0])
+        self.latent_frames_out += x.shape[2]
+        return x.flatten(2).transpose(1, 2)  # [B, dim, m, h, w] -> [B, m*h*w, dim]
 
 
 def check_pose_alignment(pose_tokens: torch.Tensor, grid: tuple[int, int, int]) -> None:
