@@ -233,6 +233,7 @@ def write_image_folder(folder: str | Path, frames: np.ndarray, ext: str = "png")
     """Write frames as folder/00000.png, 00001.png, ... replacing the folder atomically."""
     frames = _check_frames(frames, f"write_image_folder({folder})")
     with atomic_output(folder, overwrite=True) as tmp:
+        tmp.mkdir()
         for i, frame in enumerate(frames):
             Image.fromarray(frame).save(tmp / f"{i:05d}.{ext}")
 
