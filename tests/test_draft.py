@@ -6,9 +6,11 @@ on ground-truth world frames."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +24,8 @@ from model import objective_registry
 from model.draft import DRaFT
 from pipeline.conditions import conditions
 from pipeline.world import VAL_SEED, WORLD_CONFIG
+from scripts import train_world_keypoints
+from scripts.evaluate_world import learned_scores
 from scripts.merge_lora import main as merge_lora
 from trainer.objective import TrainContext, objective_defaults
 from trainer.roles import attach_lora
@@ -323,15 +327,35 @@ def test_lora_merged_below_the_training_scale(tmp_path):
 
 
 def test_shipped_keypoint_network_matches_the_exact_detector_on_ground_truth():
+    """On validation clips the training never saw: the learned detector's PCK@0.05 on the rendered frames and on
+    the drawn pose frames (the reward's target), and the pose reward (evaluate_world's learned_scores): near 0 for
+    the clip's own frames, lower for another clip's frames under the same driving pose."""
     net = load_keypoint_net(WORLD_KEYPOINTS)
     assert (WORLD_KEYPOINTS / "keypoints.safetensors").stat().st_size <= 2_000_000
     world = load_world_config(WORLD_CONFIG, num_frames=9)
-    scores = {"net": [], "exact": []}
-    for seed in (VAL_SEED + 100, VAL_SEED + 101):  # validation seeds the training never saw
-        s = generate_sample(world, seed)
-        for name, found in (("net", detect(net, s.video)), ("exact", detect_markers(s.video))):
-            scores[name].append(keypoint_metrics(s.keypoints, found, 128, 128)["pck@0.05"])
-        pose_pck = keypoint_metrics(s.keypoints, detect(net, s.pose), 128, 128)["pck@0.05"]
-        assert pose_pck >= SHIPPED_PCK - 0.1, pose_pck  # the pose frames (the reward's target) read too
+    samples = [generate_sample(world, seed) for seed in (VAL_SEED + 100, VAL_SEED + 101)]
+    scores: dict[str, list[float]] = {"net": [], "exact": [], "net_pose_frames": []}
+    for s in samples:
+        for name, frames in (("net", s.video), ("net_pose_frames", s.pose)):
+            scores[name].append(keypoint_metrics(s.keypoints, detect(net, frames), 128, 128)["pck@0.05"])
+        scores["exact"].append(keypoint_metrics(s.keypoints, detect_markers(s.video), 128, 128)["pck@0.05"])
     assert np.mean(scores["exact"]) > 0.99
     assert np.mean(scores["net"]) >= SHIPPED_PCK, scores
+    assert np.mean(scores["net_pose_frames"]) >= SHIPPED_PCK - 0.1, scores
+
+    reward = PoseReward(net)
+    clips = [SimpleNamespace(world=s, batch={"pose": torch.from_numpy(s.pose).permute(3, 0, 1, 2)[None].float()})
+             for s in samples]  # fmt: skip
+    own = learned_scores(reward, samples[0].video, clips[0])
+    other = learned_scores(reward, samples[1].video, clips[0])
+    assert own["net_pck@0.05"] >= SHIPPED_PCK and own["pose_reward"] > -0.02, own
+    assert other["pose_reward"] < own["pose_reward"] - 0.02, (own, other)
+
+
+def test_train_world_keypoints_smoke_writes_a_loadable_network(tmp_path):
+    assert train_world_keypoints.main(["--out", str(tmp_path), "--smoke"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and {"net_clean", "net_vae", "exact_vae_tol40"} <= set(metrics["validation"])
+    net = load_keypoint_net(tmp_path)
+    assert net.config == {"width": 24, "blocks": 3, "num_joints": 20, "groups": 8}
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in net.parameters())
