@@ -5,6 +5,7 @@ from __future__ import annotations
 from model.causal_kd import CausalKD
 from model.cfg_distill import CFGDistillation
 from model.dmd import DMD, SelfForcing
+from model.draft import DRaFT
 from model.gan import SelfForcingGAN
 from model.kd import KD
 from model.ode_regression import ODERegression
@@ -18,7 +19,7 @@ REGISTRY: dict[str, type[Objective]] = {
     cls.name: cls
     for cls in (
         ODERegression, PoseFinetune, DMD, SiD, SelfForcing, SelfForcingGAN, PoseTeacherTraining, KD, CausalKD,
-        CFGDistillation, StepDistillation,
+        CFGDistillation, StepDistillation, DRaFT,
     )
 }  # fmt: skip
 

@@ -118,25 +118,34 @@ def check_exit(steps: Sequence[float], exit_index: int) -> None:
 
 
 def denoise(
-    flow: FlowFn, shape: tuple[int, ...], steps: Sequence[float], noise: NoiseFn, exit_index: int | None = None
+    flow: FlowFn,
+    shape: tuple[int, ...],
+    steps: Sequence[float],
+    noise: NoiseFn,
+    exit_index: int | None = None,
+    grad_steps: int = 1,
 ) -> torch.Tensor:
     """Few-step sampling (CausVid / Self-Forcing): from noise(*shape), each step predicts x0 and re-noises it
     with fresh noise to the next t; returns the x0 of step `exit_index` (default: the last).
 
-    Steps before the exit run without gradient; the exit step runs in autograd's current mode, so in training
-    its x0 is the one that carries gradient. shape [B, C, F, H, W]; flow gets t [B, F].
+    The last `grad_steps` steps up to the exit run in autograd's current mode (and the re-noising between them, so
+    the gradient flows back through all of them: DRaFT-K), the steps before without gradient; with the default 1
+    only the exit step's x0 carries gradient in training. shape [B, C, F, H, W]; flow gets t [B, F].
     """
     exit_index = len(steps) - 1 if exit_index is None else exit_index
     check_exit(steps, exit_index)
+    if not 1 <= grad_steps <= exit_index + 1:
+        raise ValueError(f"grad_steps={grad_steps} must be in [1, {exit_index + 1}] (the steps up to the exit)")
     batch, frames = shape[0], shape[2]
     grad = torch.is_grad_enabled()
+    first_grad = exit_index + 1 - grad_steps
     x = noise(*shape)
     for i in range(exit_index + 1):
         t = torch.full((batch, frames), float(steps[i]), device=x.device)
-        with torch.set_grad_enabled(grad and i == exit_index):
+        with torch.set_grad_enabled(grad and i >= first_grad):
             x0 = flow_to_x0(flow(x, t), x, t)
-        if i < exit_index:
-            x = add_noise(x0, noise(*shape), torch.full_like(t, float(steps[i + 1])))
+            if i < exit_index:
+                x = add_noise(x0, noise(*shape), torch.full_like(t, float(steps[i + 1])))
     return x0
 
 
@@ -159,11 +168,12 @@ class Block:
 BlockPolicy = Callable[[Block], tuple[torch.Tensor, torch.Tensor]]
 
 
-def few_step(steps: Sequence[float], noise: NoiseFn, exit_index: int | None = None) -> BlockPolicy:
-    """The sampling policy: each block is `denoise`d from fresh noise, and its x0 is also its clean context."""
+def few_step(steps: Sequence[float], noise: NoiseFn, exit_index: int | None = None, grad_steps: int = 1) -> BlockPolicy:
+    """The sampling policy: each block is `denoise`d from fresh noise (gradient through its last `grad_steps`
+    steps), and its x0 is also its clean context."""
 
     def sample(block: Block) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = denoise(block.flow, block.shape, steps, noise, exit_index)
+        x0 = denoise(block.flow, block.shape, steps, noise, exit_index, grad_steps)
         return x0, x0
 
     return sample

@@ -11,8 +11,9 @@ teacher that learnt the guided flow; half25_cfg with CFG), few4 (4 few-step deno
 a CFG-distilled network guides every row in one forward, its NFE counted once), no_pose (cfg50 with pose tokens
 and ref-pose map zeroed), wrong_ref (cfg50 with another clip's reference image, its latent and its pose), student
 (a causal network's few-step stream). Metrics (utils/metrics.py) are computed on the decoded uint8 frames; the
-exact marker detector reads the pose (tolerance 40). Writes OUT/metrics.json (per clip, per row, with the
-command, PCK per frame) and OUT/metrics.md (the table).
+exact marker detector reads the pose (tolerance 40); with `--keypoint-net assets/world_keypoints` the learned
+detector too (net_pck@0.05, net_kpt_l2) and DRaFT's pose reward (pose_reward_first, pose_reward). Writes
+OUT/metrics.json (per clip, per row, with the command, PCK per frame) and OUT/metrics.md (the table).
 
 Students of the distillation table, on the same clips and noise: `--student NAME=PATH` (repeatable) adds a row
 NAME (the few-step stream) and, with `--ablate NAME`, NAME_no_pose. Student-teacher agreement (agree_* columns:
@@ -54,6 +55,9 @@ from pipeline.world import (  # noqa: E402
     to_frames,
     world_encoders,
 )
+from utils.metrics import keypoint_metrics  # noqa: E402
+from utils.rewards import PoseReward  # noqa: E402
+from utils.world_keypoints import detect, to_model_input  # noqa: E402
 from wan.checkpoint import load_model  # noqa: E402
 
 logger = logging.getLogger("evaluate_world")
@@ -72,6 +76,22 @@ ROWS = {  # row -> (sampler, use_pose, wrong reference)
     "student_no_pose": (Sampler(guidance=1.0), False, False),
 }
 COLUMNS = ("pck@0.05", "kpt_l2", "detection_rate", "psnr", "ssim", "flicker", "jitter")
+# with --keypoint-net: the learned detector's pose scores and DRaFT's pose reward (utils/rewards.py)
+NET_COLUMNS = ("net_pck@0.05", "net_kpt_l2", "pose_reward_first", "pose_reward")
+
+
+def learned_scores(reward: PoseReward, frames: np.ndarray, clip: HeldOutClip) -> dict:
+    """net_* (keypoint_metrics of the learned detector against the driving keypoints) and the pose reward of the
+    decoded first frame (pose_reward_first: what draft trains by default) and of every frame (pose_reward)."""
+    f, h, w, _ = frames.shape
+    found = detect(reward.net, frames, reward.threshold)
+    out = {f"net_{k}": v for k, v in keypoint_metrics(clip.world.keypoints, found, w, h).items()}
+    video = to_model_input(frames).permute(1, 0, 2, 3)[None].to(next(reward.net.parameters()).device)  # [1,3,F,H,W]
+    pose = {"pose": clip.batch["pose"].to(video.device)}
+    with torch.no_grad():
+        out["pose_reward_first"] = float(reward(video[:, :, :1], pose)[0])
+        out["pose_reward"] = float(reward(video, pose)[0])
+    return out
 AGREE_COLUMNS = ("agree_pck@0.05", "agree_kpt_l2", "agree_psnr", "agree_ssim")
 
 
@@ -81,10 +101,12 @@ def swap_reference(batch: dict[str, torch.Tensor], other: dict[str, torch.Tensor
 
 
 def run_row(
-    row: str, model, enc, clips: list[HeldOutClip], seed: int, spec: tuple[Sampler, bool, bool] | None
+    row: str, model, enc, clips: list[HeldOutClip], seed: int, spec: tuple[Sampler, bool, bool] | None,
+    reward: PoseReward | None = None,
 ) -> tuple[list[dict], float, list[np.ndarray]]:
     """Per-clip scores of one row, the mean sampling seconds per clip and the decoded frames of every clip
-    (spec: sampler, use_pose, wrong reference; None for the ceiling row)."""
+    (spec: sampler, use_pose, wrong reference; None for the ceiling row; reward: the learned detector's scores
+    too)."""
     scores, seconds, frames = [], [], []
     for i, clip in enumerate(tqdm(clips, desc=row, unit="clip")):
         start = time.perf_counter()
@@ -100,11 +122,14 @@ def run_row(
         seconds.append(time.perf_counter() - start)
         frames.append(to_frames(video))
         scores.append({"seed": clip.seed, **score(frames[-1], clip)})
+        if reward is not None:
+            scores[-1].update(learned_scores(reward, frames[-1], clip))
     return scores, sum(seconds) / len(seconds), frames
 
 
 def markdown(results: dict) -> str:
     columns = COLUMNS + (AGREE_COLUMNS if any("agree_psnr" in r["mean"] for r in results["rows"].values()) else ())
+    columns += NET_COLUMNS if any("pose_reward" in r["mean"] for r in results["rows"].values()) else ()
     lines = ["| row | NFE | s / clip | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for row, r in results["rows"].items():
         vals = " | ".join(f"{r['mean'].get(c, float('nan')):.4g}" for c in columns)
@@ -128,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-row", default="cfg50", help="agreement is measured against this row's frames")
     p.add_argument("--reference-frames", type=Path, help="or against frames an earlier --save-frames run wrote")
     p.add_argument("--save-frames", type=Path, help="write every row's decoded frames (ROW/<seed>.npy, uint8)")
+    p.add_argument("--keypoint-net", type=Path, help="also score with the learned detector and DRaFT's pose reward "
+                   "(e.g. assets/world_keypoints): net_* and pose_reward* columns")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="world config overrides (e.g. num_frames=33 for a quick look)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -153,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return load_model(path, device=device, dtype=torch.float32).eval().requires_grad_(False)
 
     model = load(args.weights) if args.weights is not None else None
+    reward = None if args.keypoint_net is None else PoseReward.from_path(args.keypoint_net, device)
     clips = held_out_clips(enc, [args.first_seed + i for i in range(args.clips)], **overrides)
     results = {"command": " ".join(["python scripts/evaluate_world.py", *(argv or sys.argv[1:])]),
                "weights": str(args.weights), "students": {k: str(v) for k, v in students.items()},
@@ -167,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference_frames is not None:
         reference = [np.load(args.reference_frames / f"{c.seed}.npy") for c in clips]
     for row, net, spec in plan:
-        scores, seconds, frames = run_row(row, net, enc, clips, args.noise_seed, spec)
+        scores, seconds, frames = run_row(row, net, enc, clips, args.noise_seed, spec, reward)
         if row == args.reference_row and reference is None:
             reference = frames
         if reference is not None and row not in ("ceiling", args.reference_row):

@@ -198,9 +198,10 @@ def test_evaluate_world_scores_students_against_the_teacher(tmp_path, world_teac
     # agreement against frames saved by the earlier run equals agreement measured in the same run
     argv = ["--rows", "", "--clips", "2", "--device", "cpu", "--student", f"s={student}",
             "--reference-frames", str(tmp_path / "frames" / "steps4"), "--out", str(tmp_path / "b"),
-            *world]  # fmt: skip
+            "--keypoint-net", str(ROOT / "assets" / "world_keypoints"), *world]  # fmt: skip
     assert evaluate_world.main(argv) == 0
     again = json.loads((tmp_path / "b" / "metrics.json").read_text())["rows"]["s"]["mean"]
+    assert {"net_pck@0.05", "net_kpt_l2", "pose_reward_first", "pose_reward"} <= set(again)  # the learned detector
     for key in ("agree_psnr", "agree_ssim", "pck@0.05"):
         assert again[key] == pytest.approx(rows["s"]["mean"][key], rel=1e-6), key
     with pytest.raises(SystemExit, match="not among --student"):
