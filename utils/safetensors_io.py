@@ -77,8 +77,11 @@ def open_safetensors(path: str | os.PathLike, backend: str = "mmap") -> Iterator
     backend "pread" reads each tensor into fresh memory of its own; "mmap" maps the file, and every page read
     then stays in the process's RSS until the file is closed.
     """
+    # mmap is safe_open's default: passing `backend` only for pread keeps older safetensors (no backend argument)
+    # reading everything but the merge's pread path
+    options = {} if backend == "mmap" else {"backend": backend}
     try:
-        handle = safe_open(str(path), framework="pt", backend=backend)
+        handle = safe_open(str(path), framework="pt", **options)
     except SafetensorError as err:
         raise _unreadable(path, err) from None
     with handle:
