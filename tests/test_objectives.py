@@ -105,7 +105,7 @@ def train(
 
 def test_registry_names_roles_and_defaults():
     assert set(REGISTRY) == {"ode_init", "pose_finetune", "dmd", "sid", "self_forcing", "self_forcing_gan", "teacher",
-                             "kd", "causal_kd", "cfg_distill", "step_distill"}  # fmt: skip
+                             "kd", "causal_kd", "cfg_distill", "step_distill", "draft"}  # fmt: skip
     for name, cls in REGISTRY.items():
         assert cls.name == name and issubclass(cls, Objective)
         assert set(cls.trainable_roles) <= set(cls.required_roles)
