@@ -36,12 +36,15 @@ class CausalKD(ODERegression):
         self.opts = {**self.defaults, **dict(cfg or {})}
         if not 0.0 <= float(self.opts["context_noise"]) < 1000.0:
             raise ValueError(f"objective.context_noise={self.opts['context_noise']} must be in [0, 1000)")
+        self.path_checked = False  # as KD: the t_list check on the first batch only
 
     def train_step(self, batch: dict[str, torch.Tensor], iteration: int, due: tuple[str, ...]) -> StepOutput:
         check_ode_batch(batch, self.name)
         o = self.opts
         steps = [float(t) for t in o["t_list"]]
         path_t = batch["ode_t"][:, :-1]
-        indices = aligned_path_indices(path_t, int(o["student_sample_steps"]), steps, float(o["t_tolerance"]))
+        indices = aligned_path_indices(path_t, int(o["student_sample_steps"]), steps, float(o["t_tolerance"]),
+                                       check=not self.path_checked)  # fmt: skip
+        self.path_checked = True
         choices = torch.tensor([*indices, path_t.shape[1]])  # the student's steps, then the clean end (context)
         return causal_regression(self.roles["generator"], batch, self.ctx, choices, float(o["context_noise"]))

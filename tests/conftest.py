@@ -59,3 +59,15 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 requires_weights = pytest.mark.skipif(
     not os.environ.get("WAN_MODELS_DIR"), reason="set WAN_MODELS_DIR to a folder with the real Wan2.1 checkpoints"
 )
+
+
+@pytest.fixture(scope="session")
+def world_teacher_file(tmp_path_factory) -> Path:
+    """A world teacher export (random weights, the shipped layout): roles.teacher.weights of the world configs."""
+    from wan.checkpoint import save_weights
+    from wan.configs import build_model
+
+    path = tmp_path_factory.mktemp("world_teacher") / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_weights(build_model("world_teacher"), path)
+    return path

@@ -496,14 +496,6 @@ def test_consistency_mode_trains_under_fsdp2_bf16(tmp_path):
     assert torch.equal(flow(), own)  # and the generator's own weights are back
 
 
-@pytest.fixture(scope="module")
-def world_teacher_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    torch.manual_seed(0)
-    save_weights(build_model("world_teacher"), path)
-    return path
-
-
 WORLD_TINY = ("data.type=synthetic", "data.cache=null", "data.num_samples=1", "data.latent_frames=3",
               "data.latent_size=[4,4]", "train.batch_size=1", "train.iterations=1", "train.dtype=fp32",
               "train.log_every=1000")  # fmt: skip

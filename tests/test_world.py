@@ -109,15 +109,6 @@ def test_teacher_stopped_by_max_minutes_resumes_exactly(tmp_path):
         assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
 
 
-@pytest.fixture(scope="module")
-def world_teacher_file(tmp_path_factory) -> Path:
-    """A world teacher export (random weights, the shipped layout)."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    torch.manual_seed(0)
-    save_weights(build_model("world_teacher"), path)
-    return path
-
-
 @pytest.mark.parametrize("stage", ["dmd", "sid", "self_forcing"])
 def test_world_teacher_is_the_real_score_of_the_world_stages(tmp_path, stage, world_teacher_file):
     cfg = cfg_of(

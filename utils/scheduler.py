@@ -80,7 +80,7 @@ def training_weight(t: torch.Tensor, shift: float) -> torch.Tensor:
 
     t [...] in [0, 1000] -> weight [...] float32, evaluated in float64.
     """
-    sigma = torch.linspace(1.0, 0.003 / 1.002, NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
+    sigma = torch.linspace(1.0, 0.003 / 1.002, NUM_TRAIN_TIMESTEPS, dtype=torch.float64, device=t.device)
     grid = NUM_TRAIN_TIMESTEPS * shift_sigma(sigma, shift)
 
     def bell(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ def training_weight(t: torch.Tensor, shift: float) -> torch.Tensor:
 
     floor = bell(grid).min()
     scale = NUM_TRAIN_TIMESTEPS / (bell(grid) - floor).sum()
-    return ((bell(t.double().cpu()) - floor).clamp(min=0) * scale).float().to(t.device)
+    return ((bell(t.double()) - floor).clamp(min=0) * scale).float()  # on t's device: no host copy per step
 
 
 def _official_unipc_base(num_steps: int) -> np.ndarray:
