@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU calls of the world distillation (issue 15), from the world teacher: run the named steps in order, each
 # resumable (a step that the time budget stops continues at the next call, on a warm machine whose data/ and
-# runs/ are kept), and copy what comes back to OUT_DIR: logs, metrics.jsonl, resolved configs, the students'
-# exports (EMA in fp16 as shipped, fp32 raw) and the evaluation tables.
+# runs/ are kept), and copy what comes back to OUT_DIR within the device's return limits (8 files of <= 16 MiB):
+# OUT_DIR/logs.tgz (logs, metrics.jsonl, resolved configs, finished markers, the evaluation tables) and, for
+# every step that ran, its exports in fp16: <run>_fp16.safetensors (EMA, what later steps start from) and
+# <run>_raw_fp16.safetensors (the raw weights, for the EMA-vs-raw choice on validation seeds).
 #   bash scripts/jobs/world_distill.sh OUT_DIR SECONDS STEP [STEP ...]
 # Steps (in this order; a finished step is skipped):
 #   data        the training clips (make_toy_dataset.py --encode; the same seeds as the teacher's)
@@ -14,14 +16,20 @@
 # Env: TEACHER (default assets/world_teacher/teacher.safetensors), WORLD_CLIPS (3000), PAIRS (2000),
 #      EVAL_CLIPS (32), ABLATE (a student row to also score without pose, e.g. dmd_a), WORLD_OVERRIDES (world
 #      config overrides for data and eval, e.g. "num_frames=5 height=32 width=32" for a CPU smoke run),
-#      WARM (a previous session's OUT_DIR/exports: finished steps are skipped, later ones start from its exports;
+#      WARM (a previous session's OUT_DIR with logs.tgz extracted in place: finished steps are skipped, later
+#      ones start from its <run>_fp16.safetensors;
 #      a warm-started ode_init trains its configured iterations again: shorten with train.iterations=N).
 #      Extra key=val go to every train.py call.
 set -u
 out=$1; secs=$2; shift 2
 steps=(); while [ $# -gt 0 ] && [[ "$1" != *=* ]]; do steps+=("$1"); shift; done
 start=$(date +%s)
-mkdir -p "$out/exports"
+mkdir -p "$out/logs"
+logs=$out/logs
+pack() {  # one archive of the small files, so the exports fit the 8 files that come back
+  tar czf "$out/logs.tgz" -C "$logs" . && rm -rf "$logs"
+}
+trap pack EXIT
 teacher=${TEACHER:-assets/world_teacher/teacher.safetensors}
 left() { echo $(( secs - ($(date +%s) - start) - 40 )); }
 done_marker() { echo "runs/$1/.finished"; }
@@ -29,7 +37,7 @@ done_marker() { echo "runs/$1/.finished"; }
 export_of() {  # the generator export a later step starts from: the run's own, or a warm-start copy
   local run=$1
   if [ -f "runs/$run/export/generator_ema.safetensors" ]; then echo "runs/$run/export/generator_ema.safetensors"
-  elif [ -n "${WARM:-}" ] && [ -f "$WARM/$run.safetensors" ]; then echo "$WARM/$run.safetensors"
+  elif [ -n "${WARM:-}" ] && [ -f "$WARM/${run}_fp16.safetensors" ]; then echo "$WARM/${run}_fp16.safetensors"
   else echo ""; fi
 }
 
@@ -42,27 +50,27 @@ train() {  # train RUN CONFIG key=val...: resume, stop at the budget, mark finis
   [ "$budget" -lt 60 ] && { echo "$run: no time left"; return 1; }
   echo "$run: training for up to $budget s"
   python3 train.py --config "$config" --resume auto run.name="$run" \
-    train.max_minutes="$(python3 -c "print($budget / 60)")" "$@" "${EXTRA[@]}" >"$out/$run.log" 2>&1
+    train.max_minutes="$(python3 -c "print($budget / 60)")" "$@" "${EXTRA[@]}" >"$logs/$run.log" 2>&1
   local rc=$?
-  grep -v "UserWarning\|return func" "$out/$run.log" | tail -3
-  cp "runs/$run/metrics.jsonl" "$out/$run.metrics.jsonl" 2>/dev/null
-  cp "runs/$run/config.yaml" "$out/$run.config.yaml" 2>/dev/null
+  grep -v "UserWarning\|return func" "$logs/$run.log" | tail -3
+  cp "runs/$run/metrics.jsonl" "$logs/$run.metrics.jsonl" 2>/dev/null
+  cp "runs/$run/config.yaml" "$logs/$run.config.yaml" 2>/dev/null
   if [ -f "runs/$run/export/generator_ema.safetensors" ]; then
-    python3 - "runs/$run/export" "$out/exports" "$run" <<'PY'
+    python3 - "runs/$run/export" "$out" "$run" <<'PY'
 import sys
 from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 src, dst, run = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-meta = safe_open(str(src / "generator_ema.safetensors"), "pt").metadata()
-save_file({k: v.half() for k, v in load_file(src / "generator_ema.safetensors").items()},
-          dst / f"{run}_fp16.safetensors", meta)
-save_file(load_file(src / "generator_ema.safetensors"), dst / f"{run}.safetensors", meta)
+for name, suffix in (("generator_ema", "_fp16"), ("generator", "_raw_fp16")):
+    meta = safe_open(str(src / f"{name}.safetensors"), "pt").metadata()
+    save_file({k: v.half() for k, v in load_file(src / f"{name}.safetensors").items()},
+              dst / f"{run}{suffix}.safetensors", meta)
 PY
   fi
   [ $rc -ne 0 ] && return $rc
-  grep -q "train.max_minutes=.* reached" "$out/$run.log" && return 1
-  touch "$(done_marker "$run")" "$out/exports/$run.finished"
+  grep -q "train.max_minutes=.* reached" "$logs/$run.log" && return 1
+  touch "$(done_marker "$run")" "$logs/$run.finished"
 }
 
 from_init() {  # key=vals that start generator and critic (and discriminator) of a step from a run's export
@@ -79,15 +87,15 @@ for step in "${steps[@]}"; do
       workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
       python3 scripts/make_toy_dataset.py --encode --out data/world/train --num-samples "${WORLD_CLIPS:-3000}" \
         --seed 1000000 --workers "$workers" --ref-choices "${WORLD_REF_CHOICES:-3}" ${WORLD_OVERRIDES:-} \
-        >"$out/data.log" 2>&1 \
-        || { tail -20 "$out/data.log"; exit 1; }
+        >"$logs/data.log" 2>&1 \
+        || { tail -20 "$logs/data.log"; exit 1; }
       echo "data ready after $(( $(date +%s) - start )) s" ;;
     pairs)
       [ -f "$teacher" ] || { echo "no world teacher at $teacher (TEACHER=...)"; exit 1; }
       timeout "$(left)" python3 scripts/generate_ode_pairs.py --preset world_teacher --weights "$teacher" \
         --source data/world/train --out data/world/ode_pairs --limit "${PAIRS:-2000}" --dtype fp32 \
-        --batch-size 32 >"$out/pairs.log" 2>&1
-      rc=$?; tail -2 "$out/pairs.log"
+        --batch-size 32 >"$logs/pairs.log" 2>&1
+      rc=$?; tail -2 "$logs/pairs.log"
       echo "pairs: $(ls data/world/ode_pairs | grep -c safetensors) after $(( $(date +%s) - start )) s"
       [ $rc -ne 0 ] && exit 1 ;;
     ode_init)
@@ -111,9 +119,9 @@ for step in "${steps[@]}"; do
         w=$(export_of $run); [ -n "$w" ] && args+=(--student "${run#world_}=$w")
       done
       timeout "$(left)" python3 scripts/evaluate_world.py --weights "$teacher" --clips "${EVAL_CLIPS:-32}" \
-        --rows ceiling,cfg50,steps4 "${args[@]}" ${ABLATE:+--ablate "$ABLATE"} --out "$out/eval" ${WORLD_OVERRIDES:-} \
-        >"$out/eval.log" 2>&1
-      rc=$?; tail -16 "$out/eval.log"; [ $rc -ne 0 ] && exit 1 ;;
+        --rows ceiling,cfg50,steps4 "${args[@]}" ${ABLATE:+--ablate "$ABLATE"} --out "$logs/eval" ${WORLD_OVERRIDES:-} \
+        >"$logs/eval.log" 2>&1
+      rc=$?; tail -16 "$logs/eval.log"; [ $rc -ne 0 ] && exit 1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
