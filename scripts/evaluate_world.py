@@ -55,6 +55,7 @@ from pipeline.world import (  # noqa: E402
     to_frames,
     world_encoders,
 )
+from utils.atomic_io import atomic_write_text  # noqa: E402
 from utils.metrics import keypoint_metrics  # noqa: E402
 from utils.rewards import PoseReward  # noqa: E402
 from utils.world_keypoints import detect, to_model_input  # noqa: E402
@@ -209,11 +210,17 @@ def main(argv: list[str] | None = None) -> int:
         results["rows"][row] = {"nfe": nfe, "seconds_per_clip": seconds, "mean": mean_scores(scores),
                                 "clips": scores}  # fmt: skip
         logger.info("%s: %s", row, ", ".join(f"{k} {v:.4g}" for k, v in results["rows"][row]["mean"].items()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.json").write_text(json.dumps(results, indent=2))
-    (args.out / "metrics.md").write_text(markdown(results))
+        write_results(results, args.out)  # after every row: a run stopped early keeps the rows it finished
+    write_results(results, args.out)
     print(markdown(results))
     return 0
+
+
+def write_results(results: dict, out: Path) -> None:
+    """OUT/metrics.json and OUT/metrics.md, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(results, indent=2), out / "metrics.json")
+    atomic_write_text(markdown(results), out / "metrics.md")
 
 
 if __name__ == "__main__":
