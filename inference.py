@@ -10,10 +10,16 @@ writes one; keypoints are drawn at the reference's size and aligned to the refer
 pose comes from --ref-pose (image or keypoints JSON), else from DWPose on --ref when its models are there;
 without one the input is pose-only (the reference-pose map stays zero). The video has the reference image's size.
 
-With no arguments it runs the embedded default (configs/inference/tiny.yaml): the tiny causal pose preset and
-tiny VAE, text and image encoders, all with RANDOM weights built in memory (nothing is downloaded), on a clip of
-the synthetic pose world. It shows the whole streaming path end to end; the output is noise, not a video.
-Config values can also be set as KEY=VALUE arguments (e.g. guidance_scale=3.0); flags win over both.
+With no arguments it runs the embedded default (configs/inference/world.yaml): the world teacher that ships in
+assets/ (a bidirectional i2v pose model trained on the synthetic pose world, with the toy VAE and the world's text
+and image encoders; nothing is downloaded) samples a held-out clip of that world (test seed 10,000,000, 128x128,
+81 frames, its own caption as the prompt) with 50 UniPC steps and CFG 1.5: outputs/video.mp4 follows that clip's
+pose (PCK@0.05 0.87 against its ground truth; about 4 minutes on a CPU, measured on 2 busy cores).
+`--config configs/inference/tiny.yaml` is the old smoke demo: the tiny causal pose preset and tiny encoders, all
+with RANDOM weights built in memory, through the whole streaming path (its output is noise, not a video).
+Config paths are under --models-dir, or under the repo root when the config sets paths_relative_to: repo (as
+world.yaml does). Config values can also be set as KEY=VALUE arguments (e.g. guidance_scale=3.0); flags win over
+both.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -67,12 +74,18 @@ from wan.configs import PRESETS, build_model
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.model import WanModel
 
+if TYPE_CHECKING:  # the synthetic world is imported only when a run uses it
+    from utils.synthetic_pose import SyntheticSample
+
 log = logging.getLogger("inference")
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CONFIG = ROOT / "configs" / "inference" / "tiny.yaml"
+DEFAULT_CONFIG = ROOT / "configs" / "inference" / "world.yaml"
+TINY_CONFIG = ROOT / "configs" / "inference" / "tiny.yaml"  # random weights: the smoke demo (scripts/demo.py's default)
 RANDOM_STD = 0.05  # random weights everywhere (the official init zeroes the head and pose_proj: no output)
-SCRATCH_PREFIX = "poseforcing-random-"  # + "<pid>-": the random-weight demo's temp folder, removed when its run died
+# + "<pid>-": a run's temp folder (random weights, the text cache when the config keeps none), removed when it died
+SCRATCH_PREFIX = "poseforcing-random-"
+PATH_BASES = ("models_dir", "repo")  # paths_relative_to: --models-dir, or the repo root (the assets/ it ships)
 
 
 @dataclass
@@ -82,12 +95,17 @@ class SyntheticClip:
     height: int = 64
     width: int = 96
     num_frames: int = 33
+    seed: int | None = None  # the world clip's seed (pipeline/world.py TEST_SEED: held out); null: --seed
+    caption: bool = False  # the clip's own caption is the prompt, unless --prompt (or prompt=) gives one
 
 
 @dataclass
 class InferenceConfig:
-    """Every key an inference config (configs/inference/*.yaml) may set. Relative paths are under --models-dir."""
+    """Every key an inference config (configs/inference/*.yaml) may set; unknown keys are an error."""
 
+    # Where the config's relative paths are: models_dir (under --models-dir: downloaded assets) or repo (under the
+    # repo root: the assets/ it ships). Absolute paths are taken as they are; path flags win over the config.
+    paths_relative_to: str = "models_dir"
     preset: str = "tiny"  # wan/configs.py; causal presets stream, bidirectional ones run the teacher sampler
     random_weights: bool = False  # every network random, built in memory: a smoke run, the output is noise
     weights: str | None = None  # the network's checkpoint (any format wan/checkpoint.py reads)
@@ -106,7 +124,7 @@ class InferenceConfig:
     vae: str | None = None  # Wan2.1_VAE.pth or a diffusers folder
     det_onnx: str | None = None  # DWPose person detector yolox_l.onnx
     pose_onnx: str | None = None  # DWPose whole-body model dw-ll_ucoco_384.onnx
-    text_cache: str = "text_cache"  # prompt embeddings cached on disk
+    text_cache: str | None = "text_cache"  # prompt embeddings cached on disk; null: in the run's temp folder
     prompt: str = "a person is dancing"
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     guidance_scale: float = 1.0  # CFG w (pred = u + w (c - u)); 1 = off
@@ -145,16 +163,20 @@ class InputError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, default_config: Path = DEFAULT_CONFIG) -> None:
     """The flags that pick the config, networks, weights, device and dtype (shared with scripts/demo.py)."""
-    model = p.add_argument_group("model and weights (config paths are relative to --models-dir)")
-    model.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                       help="inference config YAML (default: the tiny random-weight demo)")  # fmt: skip
+    model = p.add_argument_group("model and weights (config paths are relative to --models-dir, or to the repo root "
+                                 "when the config sets paths_relative_to: repo)")  # fmt: skip
+    tiny = f"{TINY_CONFIG.relative_to(ROOT)}: the tiny RANDOM weights demo"
+    default = tiny if default_config == TINY_CONFIG else f"{default_config.relative_to(ROOT)}; {tiny}"
+    model.add_argument("--config", type=Path, default=default_config,
+                       help=f"inference config YAML (default: {default})")  # fmt: skip
     model.add_argument(
         "--models-dir",
         type=Path,
         default=Path(os.environ.get("WAN_MODELS_DIR", "models")),
-        help="folder of downloaded assets (download_models.py); default $WAN_MODELS_DIR or ./models",
+        help="folder of downloaded assets (download_models.py) that config paths are under (paths_relative_to: "
+        "models_dir, the default); default $WAN_MODELS_DIR or ./models",
     )
     model.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME",
                        help="network preset from wan/configs.py (overrides the config's)")  # fmt: skip
@@ -192,13 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "when its models are there, else pose-only input)")  # fmt: skip
     io.add_argument("--no-align", action="store_true",
                     help="draw keypoints as given instead of aligning them to the reference pose")  # fmt: skip
-    io.add_argument("--prompt", help="text prompt (default: the config's, 'a person is dancing')")
+    io.add_argument("--prompt", help="text prompt (default: the config's, or the synthetic clip's own caption "
+                    "with synthetic.caption)")  # fmt: skip
     io.add_argument(
         "--num-frames",
         type=int,
         help="video frames, 1 + 4k (default: the config's, else the longest 1 + 4k prefix of the pose)",
     )
-    io.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
+    io.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video (also the "
+                    "synthetic clip's world seed when the config sets no synthetic.seed)")  # fmt: skip
     io.add_argument("--out", type=Path, default=Path("outputs/video.mp4"), help="output mp4, written atomically")
     io.add_argument("--preview", type=Path, help="also write a side-by-side pose | output mp4 here")
     add_model_arguments(p)
@@ -233,7 +257,12 @@ def load_config(args: argparse.Namespace) -> InferenceConfig:
 
 
 def resolve_paths(cfg: InferenceConfig, args: argparse.Namespace) -> dict[str, Path]:
-    """Asset paths: flags as given, config values under --models-dir (absolute ones as they are)."""
+    """Asset paths: flags as given, config values under --models-dir or the repo root (paths_relative_to),
+    absolute ones as they are."""
+    if cfg.paths_relative_to not in PATH_BASES:
+        raise InputError(f"paths_relative_to={cfg.paths_relative_to!r} (the config) is unknown: use "
+                         f"{' or '.join(PATH_BASES)}")  # fmt: skip
+    base = ROOT if cfg.paths_relative_to == "repo" else args.models_dir
     paths = {}
     for key in PATH_KEYS:
         flag_value = getattr(args, key)
@@ -241,19 +270,20 @@ def resolve_paths(cfg: InferenceConfig, args: argparse.Namespace) -> dict[str, P
             paths[key] = flag_value.expanduser()
         elif getattr(cfg, key) is not None:
             value = Path(getattr(cfg, key)).expanduser()
-            paths[key] = value if value.is_absolute() else args.models_dir / value
+            paths[key] = value if value.is_absolute() else base / value
     return paths
 
 
-def require_file(paths: dict[str, Path], key: str, why: str, models_dir: Path) -> Path:
-    """The path of an asset that must exist, or an error naming its flag and how to get it."""
+def require_file(paths: dict[str, Path], key: str, why: str, models_dir: Path | None) -> Path:
+    """The path of an asset that must exist, or an error naming its flag and how to get it (models_dir: where
+    download_models.py puts it; None: the repo ships it)."""
     flag, asset = PATH_KEYS[key]
     if key not in paths:
         raise InputError(f"{flag} is needed ({why}) and the config sets no '{key}': pass {flag} PATH")
     path = paths[key]
     if not path.exists():
         fetch = (f"fetch it with `python download_models.py {asset} --models-dir {models_dir}` or pass {flag} PATH"
-                 if asset else f"pass the right path with {flag}")  # fmt: skip
+                 if asset and models_dir is not None else f"pass the right path with {flag}")  # fmt: skip
         raise InputError(f"{flag} {path} does not exist ({why}): {fetch}")
     return path
 
@@ -309,7 +339,7 @@ def _dwpose(paths: dict[str, Path], models_dir: Path, device: str) -> DWPoseDete
 def load_inputs(args: argparse.Namespace, cfg: InferenceConfig, paths: dict[str, Path]) -> ClipInputs:
     """The clip's inputs from the flags, or a synthetic clip when neither --ref nor a pose input is given."""
     if args.ref is None and args.pose is None and args.driving is None:
-        return synthetic_inputs(cfg, args.seed)
+        return synthetic_inputs(cfg, args)
     if args.ref is None or (args.pose is None) == (args.driving is None):
         raise InputError("give --ref and exactly one of --pose / --driving (or none of them for a synthetic clip)")
     ref = _read("--ref", read_image, args.ref, "give a png/jpg image")
@@ -387,15 +417,28 @@ def _checked_frames(stream: FrameStream, flag: str) -> Iterator[np.ndarray]:
         raise InputError(f"{flag}: {str(e).splitlines()[0]}") from e
 
 
-def synthetic_inputs(cfg: InferenceConfig, seed: int) -> ClipInputs:
-    """A clip of the synthetic pose world (figure video frame as the reference, its drawn pose)."""
+def synthetic_clip(cfg: InferenceConfig, seed: int) -> SyntheticSample:
+    """The synthetic world's clip (utils.synthetic_pose.SyntheticSample, with its ground-truth keypoints) that a run
+    with --seed `seed` and no --ref / --pose generates from."""
+    from pipeline.world import WORLD_CONFIG
     from utils.synthetic_pose import generate_sample, load_world_config
 
     clip = cfg.synthetic
-    sample = generate_sample(load_world_config(height=clip.height, width=clip.width, num_frames=clip.num_frames), seed)
-    log.info("no --ref / --pose: a synthetic %dx%d clip of %d frames (%s)", clip.height, clip.width,
-             clip.num_frames, sample.prompt)  # fmt: skip
-    return ClipInputs(sample.ref_image, PoseInput.of_array(sample.pose), sample.ref_pose, cfg.prompt)
+    world = load_world_config(WORLD_CONFIG, height=clip.height, width=clip.width, num_frames=clip.num_frames)
+    return generate_sample(world, seed if clip.seed is None else clip.seed)
+
+
+def synthetic_inputs(cfg: InferenceConfig, args: argparse.Namespace) -> ClipInputs:
+    """A clip of the synthetic pose world (figure video frame as the reference, its drawn pose); with
+    synthetic.caption its own caption is the prompt unless one is given (--prompt or prompt=)."""
+    clip = cfg.synthetic
+    sample = synthetic_clip(cfg, args.seed)
+    prompt_given = args.prompt is not None or any(o.partition("=")[0].strip() == "prompt" for o in args.overrides)
+    prompt = sample.prompt if clip.caption and not prompt_given else cfg.prompt
+    log.info("no --ref / --pose: a synthetic %dx%d clip of %d frames, world seed %d (%s); prompt %r", clip.height,
+             clip.width, clip.num_frames, args.seed if clip.seed is None else clip.seed, sample.prompt,
+             prompt)  # fmt: skip
+    return ClipInputs(sample.ref_image, PoseInput.of_array(sample.pose), sample.ref_pose, prompt)
 
 
 def check_inputs(inputs: ClipInputs, args: argparse.Namespace, num_frames: int | None) -> int | None:
@@ -471,13 +514,14 @@ def window_overrides(cfg: InferenceConfig, latent_frames: int | None) -> dict[st
 
 def required_files(cfg: InferenceConfig, paths: dict[str, Path], models_dir: Path) -> dict[str, Path]:
     """Every file the configured networks load, checked before anything is read or built."""
-    files = {"weights": require_file(paths, "weights", f"the {cfg.preset} checkpoint", models_dir)}
+    fetch_dir = models_dir if cfg.paths_relative_to == "models_dir" else None  # repo: no download hint
+    files = {"weights": require_file(paths, "weights", f"the {cfg.preset} checkpoint", fetch_dir)}
     needed = [("t5", "text encoder"), ("t5_tokenizer", "text tokenizer"), ("vae", "VAE")]
     if PRESETS[cfg.preset]["model_type"] == "i2v":
         needed.append(("clip", "image encoder of the i2v model"))
     if "pose_weights" in paths:
         needed.append(("pose_weights", "pose encoders"))
-    files.update({key: require_file(paths, key, why, models_dir) for key, why in needed})
+    files.update({key: require_file(paths, key, why, fetch_dir) for key, why in needed})
     for key in ("weights", "pose_weights"):
         if key in files:
             check_weight_files(files[key], PATH_KEYS[key][0])
@@ -610,7 +654,8 @@ def generate(args, cfg: InferenceConfig, paths, files, inputs: ClipInputs, num_f
                         "output is noise, not a video", cfg.preset)  # fmt: skip
             networks = random_networks(cfg, Path(scratch), device, dtype, latent_frames=latent_frames)
         else:
-            networks = load_networks(cfg, files, paths["text_cache"], device, dtype, latent_frames)
+            text_cache = paths.get("text_cache", Path(scratch) / "text_cache")
+            networks = load_networks(cfg, files, text_cache, device, dtype, latent_frames)
         pipeline = make_pipeline(cfg, *networks)
         load_s = time.perf_counter() - start
 
@@ -700,7 +745,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def remove_stale_scratch() -> None:
-    """Temp folders of random-weight demo runs that were killed (kill -9 skips every cleanup)."""
+    """Temp folders of runs that were killed (kill -9 skips every cleanup)."""
     pattern = re.compile(rf"{re.escape(SCRATCH_PREFIX)}(\d+)-")
     try:
         entries = list(Path(tempfile.gettempdir()).iterdir())

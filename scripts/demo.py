@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the frames sent to the page")
     server.add_argument("--fps", type=float, help="frame rate of the mp4 and of the page's playback (default: the "
                         "config's, 16)")  # fmt: skip
-    inference.add_model_arguments(p)
+    inference.add_model_arguments(p, default_config=inference.TINY_CONFIG)  # a causal student streams, not the teacher
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="inference config values, e.g. sink_size=3")
     return p
 
@@ -174,7 +174,8 @@ class Demo:
             networks = inference.random_networks(self.cfg, Path(self._scratch.name), self.device, self.dtype)
         else:
             files = inference.required_files(self.cfg, paths, args.models_dir)
-            networks = inference.load_networks(self.cfg, files, paths["text_cache"], self.device, self.dtype)
+            text_cache = paths.get("text_cache", Path(self._scratch.name) / "text_cache")
+            networks = inference.load_networks(self.cfg, files, text_cache, self.device, self.dtype)
         self.pipeline = inference.make_pipeline(self.cfg, *networks)
         if not isinstance(self.pipeline, StreamingPosePipeline) or self.pipeline.model.pose_dim is None:
             raise inference.InputError(f"preset {self.cfg.preset} is not a causal pose model: the demo streams the "

@@ -1,6 +1,7 @@
-"""inference.py end to end on the tiny config: the no-argument default and real input files write playable mp4s
-of the right length and size (read back with decord); --help documents every flag; bad input is one line that
-names the flag or file and the fix, and leaves nothing at --out."""
+"""inference.py end to end on the tiny config (random weights; the no-argument default, the world teacher, is
+tests/test_inference_world.py): a synthetic clip and real input files write playable mp4s of the right length and
+size (read back with decord); --help documents every flag; bad input is one line that names the flag or file and
+the fix, and leaves nothing at --out."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from wan.checkpoint import POSE_PREFIXES
 from wan.configs import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config", str(ROOT / "configs" / "inference" / "tiny.yaml")]  # random weights, built in memory
 HEIGHT, WIDTH = 64, 96
 
 
@@ -76,10 +78,11 @@ def test_help_documents_every_flag(capsys):
     assert exit_info.value.code == 0 and "--driving" in capsys.readouterr().out
 
 
-def test_no_arguments_runs_the_embedded_default(tmp_path):
-    """`python inference.py` from any folder: random tiny networks on a synthetic clip -> outputs/video.mp4."""
-    res = subprocess.run([sys.executable, str(ROOT / "inference.py")], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+def test_tiny_demo_runs_from_any_folder(tmp_path):
+    """`python inference.py --config configs/inference/tiny.yaml` from any folder: random tiny networks on a
+    synthetic clip -> outputs/video.mp4."""
+    res = subprocess.run([sys.executable, str(ROOT / "inference.py"), *TINY], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "RANDOM weights" in res.stderr and "FPS" in res.stderr and "first block after" in res.stderr
     video = read_back(tmp_path / "outputs" / "video.mp4")
@@ -92,7 +95,7 @@ def test_keypoints_inputs_preview_and_same_seed_same_video(tmp_path, sample, ref
     pose_json, ref_json = tmp_path / "keypoints.json", tmp_path / "ref_keypoints.json"
     save_keypoints(pose_json, sample.keypoints)
     save_keypoints(ref_json, sample.keypoints.select([sample.ref_index]))
-    args = ["--ref", str(ref_png), "--pose", str(pose_json), "--ref-pose", str(ref_json), "--num-frames", "9",
+    args = [*TINY, "--ref", str(ref_png), "--pose", str(pose_json), "--ref-pose", str(ref_json), "--num-frames", "9",
             "--seed", "3", "--prompt", "a person is dancing"]  # fmt: skip
     inference.main([*args, "--out", str(tmp_path / "a.mp4"), "--preview", str(tmp_path / "side.mp4")])
     inference.main([*args, "--out", str(tmp_path / "b.mp4")])
@@ -153,16 +156,16 @@ def _bad_pose_video(tmp_path: Path, ref: Path) -> list[str]:
 def test_bad_input_is_one_line_naming_the_file_and_the_fix(tmp_path, sample, ref_png, case, expected):
     out = tmp_path / "out" / "video.mp4"
     if case == "short_pose":
-        args = ["--ref", str(ref_png), "--pose", str(pose_folder(tmp_path / "pose_short", sample.pose[:5])),
+        args = [*TINY, "--ref", str(ref_png), "--pose", str(pose_folder(tmp_path / "pose_short", sample.pose[:5])),
                 "--num-frames", "9"]  # fmt: skip
     elif case == "pose_size":
         small = sample.pose[:9, ::2, ::2]
-        args = ["--ref", str(ref_png), "--pose", str(pose_folder(tmp_path / "pose_small", small))]
+        args = [*TINY, "--ref", str(ref_png), "--pose", str(pose_folder(tmp_path / "pose_small", small))]
     elif case == "missing_weights":
         args = ["--config", str(ROOT / "configs/inference/student_1.3b.yaml"),
                 "--weights", str(tmp_path / "missing.safetensors")]  # fmt: skip
     else:
-        args = _bad_pose_video(tmp_path, ref_png)
+        args = [*TINY, *_bad_pose_video(tmp_path, ref_png)]
     with pytest.raises(SystemExit) as exit_info:
         inference.main([*args, "--out", str(out)])
     message = str(exit_info.value.code)

@@ -553,8 +553,9 @@ def test_8_sigterm_leaves_no_temp_folder_and_a_later_run_removes_a_killed_ones(t
     temp.mkdir()
     out = tmp_path / "out" / "video.mp4"
     env = dict(os.environ, TMPDIR=str(temp), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "inference.py"), "--out", str(out)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    tiny = ["--config", str(ROOT / "configs" / "inference" / "tiny.yaml")]  # random weights in the temp folder
+    proc = subprocess.Popen([sys.executable, str(ROOT / "inference.py"), *tiny, "--out", str(out)], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         assert _wait_for(lambda: any(p.name.startswith("poseforcing-random-") for p in temp.iterdir()), 120)
         proc.send_signal(signal.SIGTERM)
@@ -579,7 +580,7 @@ def test_8_sigterm_leaves_no_temp_folder_and_a_later_run_removes_a_killed_ones(t
     lock = {"pid": dead.pid, "host": socket.gethostname(), "start": None, "since": time.time()}
     (out.parent / ".video.mp4.lock").write_text(json.dumps(lock))
     monkeypatch.setattr("tempfile.tempdir", str(temp))
-    inference.main(["--out", str(out), "synthetic.num_frames=5", "synthetic.height=32", "synthetic.width=32"])
+    inference.main([*tiny, "--out", str(out), "synthetic.num_frames=5", "synthetic.height=32", "synthetic.width=32"])
     assert not killed.exists() and live.exists()
     assert sorted(p.name for p in out.parent.iterdir()) == ["video.mp4"]
 

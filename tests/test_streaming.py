@@ -229,8 +229,9 @@ def test_inference_streams_a_clip_longer_than_the_training_window(tmp_path, capl
 
     out, side = tmp_path / "long.mp4", tmp_path / "side.mp4"
     with caplog.at_level("INFO"):
-        inference.main(["--out", str(out), "--preview", str(side), "synthetic.num_frames=93", "synthetic.height=32",
-                        "synthetic.width=32", "denoising_steps=[1000.0,500.0]"])  # fmt: skip
+        inference.main(["--config", str(inference.TINY_CONFIG), "--out", str(out), "--preview", str(side),
+                        "synthetic.num_frames=93", "synthetic.height=32", "synthetic.width=32",
+                        "denoising_steps=[1000.0,500.0]"])  # fmt: skip
     assert "streaming through a local window of 18 + a sink of 3" in caplog.text
     assert read_video(out).shape == (93, 32, 32, 3) and read_video(side).shape == (93, 32, 64, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4", "side.mp4"]
