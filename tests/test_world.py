@@ -79,12 +79,23 @@ def test_encoded_world_trains_the_teacher_with_evaluation(tmp_path):
     cfg = cfg_of(
         "configs/world/teacher.yaml", f"data.path={data}", "data.cache=memory", "train.batch_size=2",
         "train.iterations=2", "train.dtype=fp32", f"run.output_dir={tmp_path}", "eval.every=2", "eval.clips=1",
-        "eval.num_frames=5", "eval.num_steps=2",
+        "eval.num_frames=5", "eval.num_steps=2", "eval.ema=true", "roles.teacher.ema_start=0",
+        "roles.teacher.ema_decay=0.5",
     )  # fmt: skip
-    history = Trainer(cfg, objective_registry()).train()
+    trainer = Trainer(cfg, objective_registry())
+    history = trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss/teacher"])) for h in history)
     scores = history[-1]
     assert 0.0 <= scores["eval/pck@0.05"] <= 1.0 and 0.0 < scores["eval/psnr"] < 60.0
+    # eval_ema/* scores the EMA weights (here unlike the raw ones), eval/* the raw ones, restored after the swap
+    export = tmp_path / "world_teacher" / "export"
+    raw, ema = (load_file(export / f"teacher{s}.safetensors") for s in ("", "_ema"))
+    assert max((raw[k] - ema[k]).abs().max().item() for k in raw) > 1e-4
+    for prefix, weights in (("eval/", raw), ("eval_ema/", ema)):
+        model = build_model("world_teacher")
+        model.load_state_dict(weights)
+        again = trainer.evaluator(model, 2, tmp_path, write=False)
+        assert again["eval/psnr"] == pytest.approx(scores[f"{prefix}psnr"], rel=1e-5), prefix
     assert "eval/pck@0.05" not in history[0]  # every 2 iterations
     logged = [json.loads(line) for line in (tmp_path / "world_teacher" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["eval/ssim"] == pytest.approx(scores["eval/ssim"])

@@ -310,7 +310,12 @@ class Trainer:
     def _evaluate(self, done: int) -> dict[str, float]:
         """eval/* scores of the evaluated role on the held-out clips (every rank samples; rank 0 writes)."""
         role = self.cfg.eval.role or self.trainable[0]
-        scores = self.evaluator(self.roles[role], done, self.run_dir, self.dist.is_main)
+        model = self.roles[role]
+        scores = self.evaluator(model, done, self.run_dir, self.dist.is_main)
+        if self.cfg.eval.get("ema", False) and role in self.emas:  # the EMA too, on the same clips: eval_ema/*
+            with self.emas[role].swapped_in(model):
+                ema = self.evaluator(model, done, self.run_dir, write=False)
+            scores |= {k.replace("eval/", "eval_ema/", 1): v for k, v in ema.items()}
         log.info("iteration %d, eval of %s: %s", done - 1, role, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         return scores
 
