@@ -3,8 +3,8 @@
 # resumable (a step that the time budget stops continues at the next call, on a warm machine whose data/ and
 # runs/ are kept), and copy what comes back to OUT_DIR within the device's return limits (8 files of <= 16 MiB):
 # OUT_DIR/logs.tgz (logs, metrics.jsonl, resolved configs, finished markers, the evaluation tables) and, for
-# every step that ran, its exports in fp16: <run>_fp16.safetensors (EMA, what later steps start from) and
-# <run>_raw_fp16.safetensors (the raw weights, for the EMA-vs-raw choice on validation seeds).
+# every step that ran, its exports in fp16: <run>_fp16.safetensors (EMA) and <run>_raw_fp16.safetensors (raw).
+# A later step starts from the one of the two that the last validation evaluation (eval.ema) scored higher.
 #   bash scripts/jobs/world_distill.sh OUT_DIR SECONDS STEP [STEP ...]
 # Steps (in this order; a finished step is skipped):
 #   data        the training clips (make_toy_dataset.py --encode; the same seeds as the teacher's)
@@ -34,10 +34,29 @@ teacher=${TEACHER:-assets/world_teacher/teacher.safetensors}
 left() { echo $(( secs - ($(date +%s) - start) - 40 )); }
 done_marker() { echo "runs/$1/.finished"; }
 
-export_of() {  # the generator export a later step starts from: the run's own, or a warm-start copy
-  local run=$1
-  if [ -f "runs/$run/export/generator_ema.safetensors" ]; then echo "runs/$run/export/generator_ema.safetensors"
-  elif [ -n "${WARM:-}" ] && [ -f "$WARM/${run}_fp16.safetensors" ]; then echo "$WARM/${run}_fp16.safetensors"
+pick() {  # METRICS_JSONL -> "ema" or "raw": the weights the last validation eval (eval.ema) scored higher on PCK
+  python3 - "$1" <<'PY'
+import json, sys
+best = "ema"
+try:
+    for line in open(sys.argv[1]):
+        d = json.loads(line)
+        if "eval/pck@0.05" in d and "eval_ema/pck@0.05" in d:
+            best = "ema" if d["eval_ema/pck@0.05"] >= d["eval/pck@0.05"] else "raw"
+except OSError:
+    pass
+print(best)
+PY
+}
+
+export_of() {  # the generator export a later step starts from (EMA or raw, by `pick`): the run's own or WARM's
+  local run=$1 which
+  if [ -f "runs/$run/export/generator_ema.safetensors" ]; then
+    which=$(pick "runs/$run/metrics.jsonl")
+    [ "$which" = ema ] && echo "runs/$run/export/generator_ema.safetensors" || echo "runs/$run/export/generator.safetensors"
+  elif [ -n "${WARM:-}" ] && [ -f "$WARM/${run}_fp16.safetensors" ]; then
+    which=$(pick "$WARM/$run.metrics.jsonl")
+    [ "$which" = ema ] && echo "$WARM/${run}_fp16.safetensors" || echo "$WARM/${run}_raw_fp16.safetensors"
   else echo ""; fi
 }
 
