@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from functools import partial
 from multiprocessing import Pool, get_context
@@ -103,22 +104,37 @@ def encode_dataset(args: argparse.Namespace, config: WorldConfig) -> int:
                          args.text_len, args.negative_prompt)  # fmt: skip
     job = partial(render_one, config=config, seed=args.seed, ref_choices=args.ref_choices)
 
+    seconds = {"render wait": 0.0, "encode": 0.0, "write": 0.0}  # where the time goes (logged every 32 flushes)
+    flushes = 0
+
     def flush(group: list) -> None:
+        nonlocal flushes
         clips = [(c["video"], c["ref_image"], c["pose"], c["ref_pose"], c["prompt"], ch) for _, c, ch in group]
-        for (index, clip, _), sample in zip(group, encode_clips(enc, clips), strict=True):
+        t0 = time.perf_counter()
+        samples = encode_clips(enc, clips)
+        t1 = time.perf_counter()
+        for (index, clip, _), sample in zip(group, samples, strict=True):
             atomic_save_safetensors(sample, args.out / f"{clip['id']}.safetensors",
                                     {"prompt": clip["prompt"], "seed": str(args.seed + index)})  # fmt: skip
+        seconds["encode"] += t1 - t0
+        seconds["write"] += time.perf_counter() - t1
         group.clear()
+        flushes += 1
+        if flushes % 32 == 0:
+            logger.info("after %d flushes: %s", flushes, ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
 
     group: list = []
     # spawn, not fork: this process has started torch's thread pools, which a forked child can deadlock on
     with get_context("spawn").Pool(max(args.workers, 1)) as pool:
         rendered = pool.imap(job, todo)
+        waited = time.perf_counter()
         for index, (s, frames) in zip(todo, tqdm(rendered, total=len(todo), desc="samples", unit="clip"), strict=True):
+            seconds["render wait"] += time.perf_counter() - waited
             clip = to_contract(s.video, s.pose, s.ref_image, s.ref_pose, s.prompt, f"{index:06d}")
             group.append((index, clip, [(clip["video"][:, f], clip["pose"][:, f]) for f in frames]))
             if len(group) == args.encode_batch:
                 flush(group)
+            waited = time.perf_counter()
         if group:
             flush(group)
     return 0
