@@ -55,6 +55,8 @@ from pipeline.causal_diffusion_inference import (
 )
 from pipeline.rollout import DEFAULT_STEPS, SAMPLERS
 from utils.config import DTYPES
+from utils.encoders.text_cache import CachedTextEncoder
+from utils.encoders.wan_wrapper import ImageEncoder, WanVAE
 from utils.file_lock import LockHeldError, check_output_path, exit_on_sigterm, output_lock, process_alive
 from utils.pose import (
     DWPoseDetector,
@@ -66,16 +68,14 @@ from utils.pose import (
     load_keypoints,
 )
 from utils.safetensors_io import SAFETENSORS_SUFFIX, open_safetensors, resolve_checkpoint_files
-from utils.text_cache import CachedTextEncoder
 from utils.video_io import FrameStream, VideoReadError, VideoWriter, read_image
-from utils.wan_wrapper import ImageEncoder, WanVAE
 from wan.checkpoint import POSE_PREFIXES, CheckpointKeyError, _transformer_source, load_pose_weights, load_weights
 from wan.configs import PRESETS, build_model
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.model import WanModel
 
 if TYPE_CHECKING:  # the synthetic world is imported only when a run uses it
-    from utils.synthetic_pose import SyntheticSample
+    from utils.world.synthetic_pose import SyntheticSample
 
 log = logging.getLogger("inference")
 
@@ -418,10 +418,10 @@ def _checked_frames(stream: FrameStream, flag: str) -> Iterator[np.ndarray]:
 
 
 def synthetic_clip(cfg: InferenceConfig, seed: int) -> SyntheticSample:
-    """The synthetic world's clip (utils.synthetic_pose.SyntheticSample, with its ground-truth keypoints) that a run
-    with --seed `seed` and no --ref / --pose generates from."""
+    """The synthetic world's clip (utils.world.synthetic_pose.SyntheticSample, with its ground-truth keypoints) that a
+    run with --seed `seed` and no --ref / --pose generates from."""
     from pipeline.world import WORLD_CONFIG
-    from utils.synthetic_pose import generate_sample, load_world_config
+    from utils.world.synthetic_pose import generate_sample, load_world_config
 
     clip = cfg.synthetic
     world = load_world_config(WORLD_CONFIG, height=clip.height, width=clip.width, num_frames=clip.num_frames)
@@ -575,7 +575,7 @@ def random_networks(cfg: InferenceConfig, folder: Path, device, dtype, seed: int
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionModel, UMT5EncoderModel
 
-    from utils.tiny_assets import TINY_VAE_CONFIG, make_tokenizer, tiny_clip_config, tiny_umt5_config
+    from utils.encoders.tiny_assets import TINY_VAE_CONFIG, make_tokenizer, tiny_clip_config, tiny_umt5_config
 
     torch.manual_seed(seed)
     model = build_network(cfg, device, dtype, latent_frames)

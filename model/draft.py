@@ -23,8 +23,8 @@ from pipeline.conditions import conditions, latent_shape
 from pipeline.rollout import DEFAULT_STEPS, block_rollout, few_step
 from trainer.objective import Objective, StepOutput, TrainContext
 from utils.config import DTYPES
+from utils.encoders.wan_vae_parallel import decode
 from utils.rewards import PoseReward, PreferenceReward, Reward
-from utils.wan_vae_parallel import decode
 from wan.modules.causal_model import CausalWanModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ class DRaFT(Objective):
         "reward_model": None,  # preference reward: a transformers CLIPModel folder with its tokenizer
         "reward_prompt": "a person is dancing",  # preference reward: the text every sample is scored against
         "reward_scale": 1.0,  # preference reward: x cosine (HPSv2's score is the cosine itself)
-        "vae": "assets/toy_vae",  # the decoder (utils.wan_wrapper.WanVAE: a diffusers folder or Wan2.1_VAE.pth)
+        "vae": "assets/toy_vae",  # the decoder (utils.encoders.wan_wrapper.WanVAE: diffusers folder or Wan2.1_VAE.pth)
         "vae_dtype": "fp32",  # the decode's dtype (fp32 or bf16); it runs with gradient wrt the latents
     }
 
@@ -95,7 +95,7 @@ class DRaFT(Objective):
         if not isinstance(roles["generator"], CausalWanModel):
             raise TypeError("draft fine-tunes the causal student: roles.generator must be a causal preset")
         if vae is None:
-            from utils.wan_wrapper import WanVAE
+            from utils.encoders.wan_wrapper import WanVAE
 
             vae = WanVAE(repo_path(o["vae"]), device=ctx.device, dtype=DTYPES[o["vae_dtype"]])
         self.vae = vae.requires_grad_(False)

@@ -18,7 +18,7 @@ from pipeline.causal_diffusion_inference import (
     TextEncoderFn,
 )
 from pipeline.rollout import TEACHER_GUIDANCE, TEACHER_SHIFT, TEACHER_STEPS, sample_latents
-from utils.wan_wrapper import WanVAE
+from utils.encoders.wan_wrapper import WanVAE
 from wan.modules.model import WanModel
 
 

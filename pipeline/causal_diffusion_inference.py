@@ -30,7 +30,7 @@ from wan.modules.model import WanModel
 from wan.modules.pose import pose_latent_frames, ref_pose_map
 
 if TYPE_CHECKING:  # the VAE wrapper pulls in diffusers; the latent-only path does not need it
-    from utils.wan_wrapper import WanVAE
+    from utils.encoders.wan_wrapper import WanVAE
 
 # Wan2.1's default negative prompt (the unconditional branch of CFG).
 WAN_NEGATIVE_PROMPT = (

@@ -18,7 +18,7 @@ from pipeline.conditions import cfg_conditions, conditions, image_condition, lat
 from pipeline.rollout import DEFAULT_STEPS, is_guided, sample_latents, stream_latents
 from utils.data import to_contract
 from utils.metrics import evaluate_clip, keypoint_metrics, psnr, ssim
-from utils.synthetic_pose import SyntheticSample, detect_markers, generate_sample, load_world_config
+from utils.world.synthetic_pose import SyntheticSample, detect_markers, generate_sample, load_world_config
 from wan.modules.causal_model import CausalWanModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +50,8 @@ def world_encoders(
     negative_prompt: str = "",
 ) -> ClipEncoders:
     """The world's toy VAE and text / image encoders (assets/), fp32; prompts cached in text_cache if given."""
-    from utils.text_cache import CachedTextEncoder
-    from utils.wan_wrapper import ImageEncoder, TextEncoder, WanVAE
+    from utils.encoders.text_cache import CachedTextEncoder
+    from utils.encoders.wan_wrapper import ImageEncoder, TextEncoder, WanVAE
 
     dtype = torch.float32
     if text_cache is None:

@@ -35,7 +35,7 @@ from transformers import CLIPVisionModel  # noqa: E402
 from pipeline.causal_diffusion_inference import StreamingPosePipeline  # noqa: E402
 from pipeline.rollout import DEFAULT_STEPS, stream_latents  # noqa: E402
 from utils.config import DTYPES  # noqa: E402
-from utils.wan_wrapper import WAN21_VAE_CONFIG, ImageEncoder, WanVAE, clip_vit_h14_config  # noqa: E402
+from utils.encoders.wan_wrapper import WAN21_VAE_CONFIG, ImageEncoder, WanVAE, clip_vit_h14_config  # noqa: E402
 from wan.configs import build_model  # noqa: E402
 from wan.modules import attention  # noqa: E402
 

@@ -42,8 +42,8 @@ if __package__ in (None, ""):  # run as `python scripts/benchmark_streaming.py`:
 from pipeline.causal_diffusion_inference import StreamingPosePipeline  # noqa: E402
 from scripts.benchmark_inference import random_encoders  # noqa: E402
 from utils.config import DTYPES  # noqa: E402
+from utils.encoders.wan_wrapper import WAN21_VAE_CONFIG  # noqa: E402
 from utils.video_io import VideoWriter  # noqa: E402
-from utils.wan_wrapper import WAN21_VAE_CONFIG  # noqa: E402
 from wan.configs import build_model  # noqa: E402
 
 log = logging.getLogger("benchmark_streaming")

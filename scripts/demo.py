@@ -205,7 +205,7 @@ class Demo:
     # -------------------------------------------------------------------------------------------- inputs
 
     def world_clip(self, seed: int, size: tuple[int, int] | None, frames: int):
-        from utils.synthetic_pose import generate_sample, load_world_config
+        from utils.world.synthetic_pose import generate_sample, load_world_config
 
         h, w = size or (64, 96)
         return generate_sample(load_world_config(height=h, width=w, num_frames=frames), seed)

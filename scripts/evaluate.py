@@ -30,8 +30,8 @@ from tqdm import tqdm  # noqa: E402
 from utils.data import read_index  # noqa: E402
 from utils.metrics import Detector, evaluate_clip  # noqa: E402
 from utils.pose import DWPoseDetector, DWPoseUnavailable, load_keypoints  # noqa: E402
-from utils.synthetic_pose import detect_markers  # noqa: E402
 from utils.video_io import VideoReadError, read_frames, read_video, resize_frames  # noqa: E402
+from utils.world.synthetic_pose import detect_markers  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 COLUMNS = ("kpt_l2", "pck@0.05", "detection_rate", "jitter", "jitter_driving", "psnr", "ssim", "flicker")

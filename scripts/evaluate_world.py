@@ -58,7 +58,7 @@ from pipeline.world import (  # noqa: E402
 from utils.atomic_io import atomic_write_text  # noqa: E402
 from utils.metrics import keypoint_metrics  # noqa: E402
 from utils.rewards import PoseReward  # noqa: E402
-from utils.world_keypoints import detect, to_model_input  # noqa: E402
+from utils.world.keypoints import detect, to_model_input  # noqa: E402
 from wan.checkpoint import load_model  # noqa: E402
 
 logger = logging.getLogger("evaluate_world")

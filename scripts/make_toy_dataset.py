@@ -31,7 +31,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from utils.data import to_contract, write_index, write_sample  # noqa: E402
-from utils.synthetic_pose import SyntheticSample, WorldConfig, generate_sample, load_world_config  # noqa: E402
+from utils.world.synthetic_pose import SyntheticSample, WorldConfig, generate_sample, load_world_config  # noqa: E402
 
 logger = logging.getLogger("make_toy_dataset")
 ROOT = Path(__file__).resolve().parents[1]

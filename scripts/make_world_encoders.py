@@ -1,7 +1,7 @@
 """Write the synthetic world's text and image encoders (assets/world_encoders/): a 2-layer UMT5 encoder over a
 word-level tokenizer of the world's caption vocabulary, and a 2-layer CLIP vision tower, both with random weights
 from a fixed seed. They are shipped, so every machine embeds the same prompt and reference image identically;
-this script documents (and can rebuild) them. They load through utils.wan_wrapper like the real UMT5 and CLIP.
+this script documents (and can rebuild) them. They load through utils.encoders.wan_wrapper like the real UMT5 and CLIP.
 
     python scripts/make_world_encoders.py --out assets/world_encoders
 """
@@ -18,8 +18,8 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel  # noqa: E402
 
-from utils.synthetic_pose import prompt_vocabulary  # noqa: E402
-from utils.tiny_assets import make_tokenizer  # noqa: E402
+from utils.encoders.tiny_assets import make_tokenizer  # noqa: E402
+from utils.world.synthetic_pose import prompt_vocabulary  # noqa: E402
 
 TEXT_DIM = 64  # the world presets' text_dim
 CLIP_DIM = 64  # the world presets' clip_dim

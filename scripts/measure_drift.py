@@ -31,8 +31,8 @@ from pipeline.rollout import DEFAULT_STEPS  # noqa: E402
 from pipeline.world import MARKER_TOLERANCE, TEST_SEED, WORLD_CONFIG, to_frames, world_encoders  # noqa: E402
 from utils.metrics import PCK_THRESHOLD, keypoint_metrics, psnr  # noqa: E402
 from utils.safetensors_io import read_metadata  # noqa: E402
-from utils.synthetic_pose import detect_markers, generate_sample, load_world_config  # noqa: E402
 from utils.video_io import VideoWriter  # noqa: E402
+from utils.world.synthetic_pose import detect_markers, generate_sample, load_world_config  # noqa: E402
 from wan.checkpoint import load_weights  # noqa: E402
 from wan.configs import build_model  # noqa: E402
 

@@ -31,10 +31,10 @@ from pipeline.causal_diffusion_inference import WAN_NEGATIVE_PROMPT  # noqa: E40
 from pipeline.world import ClipEncoders, encode_clips  # noqa: E402
 from utils.data import PoseVideoDataset  # noqa: E402
 from utils.dist import barrier, destroy, init_distributed  # noqa: E402
+from utils.encoders.text_cache import CachedTextEncoder  # noqa: E402
+from utils.encoders.wan_wrapper import ImageEncoder, WanVAE  # noqa: E402
 from utils.safetensors_io import atomic_save_safetensors  # noqa: E402
-from utils.text_cache import CachedTextEncoder  # noqa: E402
 from utils.video_io import VideoReadError  # noqa: E402
-from utils.wan_wrapper import ImageEncoder, WanVAE  # noqa: E402
 
 log = logging.getLogger("preprocess_data")
 DEFAULT_ASSETS = {  # relative to --models-dir, where download_models.py puts them

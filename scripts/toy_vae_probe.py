@@ -7,7 +7,7 @@
 
 pca: PCA with 16 components per 4x8x8x3 patch (one latent cell of the VAE: 16 channels for 4 frames of 8x8
 pixels), fitted on the patches of training clips and scored on held-out ones, PSNR overall and per region
-(utils.synthetic_pose.pixel_regions), for the hard-edged and the anti-aliased world.
+(utils.world.synthetic_pose.pixel_regions), for the hard-edged and the anti-aliased world.
 detect: detect_markers on the VAE's reconstructions (posterior mean, diffusers' encode/decode) of held-out clips:
 share of visible markers found, median error, share within 2 px.
 errors: the squared error split by region x moving/static pixels, by frame position inside a latent chunk and by
@@ -32,7 +32,7 @@ from diffusers import AutoencoderKLWan  # noqa: E402
 
 from scripts import train_toy_vae  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
-from utils.synthetic_pose import detect_markers, generate_sample, load_world_config, pixel_regions  # noqa: E402
+from utils.world.synthetic_pose import detect_markers, generate_sample, load_world_config, pixel_regions  # noqa: E402
 
 HELD_OUT = train_toy_vae.HELD_OUT_SEED
 

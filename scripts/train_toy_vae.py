@@ -45,9 +45,10 @@ from tqdm import tqdm  # noqa: E402
 
 from utils.atomic_io import atomic_output  # noqa: E402
 from utils.dist import all_reduce_mean, average_gradients, barrier, destroy, init_distributed  # noqa: E402
+from utils.encoders.wan_vae_parallel import decode, encode_moments  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
 from utils.safetensors_io import load_file  # noqa: E402
-from utils.synthetic_pose import (  # noqa: E402
+from utils.world.synthetic_pose import (  # noqa: E402
     COLOR_PACK,
     MARKER_CODES,
     WorldConfig,
@@ -55,7 +56,6 @@ from utils.synthetic_pose import (  # noqa: E402
     load_world_config,
     pixel_regions,
 )
-from utils.wan_vae_parallel import decode, encode_moments  # noqa: E402
 
 logger = logging.getLogger("train_toy_vae")
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,8 +267,8 @@ def vae_loss(
     loss = l1_weight * L1 + mse_weight * MSE + kl_weight * KL, where pixels of the joint markers count
     `marker_weight` times in L1 and MSE (a weighted mean; the logged parts are the plain means).
     """
-    # the whole-clip forward (utils.wan_vae_parallel): equal to vae.encode / vae.decode, without their per-chunk
-    # kernel launches (those made training launch-bound: ~3 steps/s for any model size)
+    # the whole-clip forward (utils.encoders.wan_vae_parallel): equal to vae.encode / vae.decode, without their
+    # per-chunk kernel launches (those made training launch-bound: ~3 steps/s for any model size)
     with torch.autocast(video.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         posterior = DiagonalGaussianDistribution(encode_moments(vae, video))  # [B, z, 1 + (F-1)/4, H/8, W/8]
         # unclamped: diffusers clamps to [-1, 1], which zeroes the gradient of every pixel that overshoots, so

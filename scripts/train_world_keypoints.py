@@ -1,4 +1,4 @@
-"""Train the world keypoint network (utils/world_keypoints.py) on frames rendered by utils/synthetic_pose.py with
+"""Train the world keypoint network (utils/world/keypoints.py) on frames rendered by utils/world/synthetic_pose.py with
 exact keypoints, and validate it against the exact marker detector.
 
     python scripts/train_world_keypoints.py --out runs/world_keypoints --max-minutes 8   # rerun to resume
@@ -43,8 +43,7 @@ from utils.atomic_io import atomic_output  # noqa: E402
 from utils.metrics import keypoint_metrics  # noqa: E402
 from utils.pose.keypoints import NUM_HAND, PoseSequence  # noqa: E402
 from utils.safetensors_io import atomic_save_safetensors  # noqa: E402
-from utils.synthetic_pose import detect_markers, generate_sample, load_world_config  # noqa: E402
-from utils.world_keypoints import (  # noqa: E402
+from utils.world.keypoints import (  # noqa: E402
     DEFAULT_THRESHOLD,
     WEIGHTS_FILE,
     WorldKeypointNet,
@@ -52,6 +51,7 @@ from utils.world_keypoints import (  # noqa: E402
     detect,
     soft_argmax,
 )
+from utils.world.synthetic_pose import detect_markers, generate_sample, load_world_config  # noqa: E402
 
 logger = logging.getLogger("train_world_keypoints")
 VAE_SEED_OFFSET = 500_000  # the VAE pool's clips: training seeds TRAIN_SEED + 500,000 + i (apart from the clean pool)
@@ -69,8 +69,8 @@ def _frames(video: np.ndarray) -> torch.Tensor:
 @torch.no_grad()
 def _vae_reconstruct(videos: list[np.ndarray], batch: int = 8) -> list[np.ndarray]:
     """uint8 clips [F, H, W, 3] -> their toy-VAE reconstructions (posterior mean, decoded, clamped), uint8."""
-    from utils.wan_vae_parallel import decode, encode_moments
-    from utils.wan_wrapper import WanVAE
+    from utils.encoders.wan_vae_parallel import decode, encode_moments
+    from utils.encoders.wan_wrapper import WanVAE
 
     vae = WanVAE(TOY_VAE, device="cpu", dtype=torch.float32).vae
     out = []

@@ -2,7 +2,7 @@
 in the official Wan key layouts, and small functional versions of the official forwards.
 
 The official layouts and forwards are written here from the facts of the official Wan modules (t5.py, clip.py,
-vae.py), independently of the key maps in utils/wan_wrapper.py, so a wrong map cannot agree with them.
+vae.py), independently of the key maps in utils/encoders/wan_wrapper.py, so a wrong map cannot agree with them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, UMT5Config
 
-from utils.tiny_assets import TINY_VAE_CONFIG, WORDS, make_tokenizer, tiny_clip_config, tiny_umt5_config  # noqa: F401
+from utils.encoders.tiny_assets import TINY_VAE_CONFIG, WORDS, make_tokenizer, tiny_clip_config, tiny_umt5_config  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------------
 # Text

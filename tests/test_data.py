@@ -12,7 +12,7 @@ import torch
 from scripts import make_toy_dataset
 from utils.data import PoseVideoDataset, SyntheticWorldDataset, read_index
 from utils.pose import load_keypoints
-from utils.synthetic_pose import detect_markers, generate_sample, load_world_config
+from utils.world.synthetic_pose import detect_markers, generate_sample, load_world_config
 
 OVERRIDES = ["num_frames=9", "height=64", "width=64"]
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.synthetic_pose import generate_sample, load_world_config
 from utils.video_io import read_video, write_image, write_video
+from utils.world.synthetic_pose import generate_sample, load_world_config
 
 websockets_client = pytest.importorskip("websockets.sync.client")
 

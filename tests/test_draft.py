@@ -1,5 +1,5 @@
 """DRaFT (issue 16, model/draft.py) and its rewards (utils/rewards.py), with the world keypoint network
-(utils/world_keypoints.py): both rewards against float64 formulas written out here, the gradient only in the LoRA
+(utils/world/keypoints.py): both rewards against float64 formulas written out here, the gradient only in the LoRA
 adapters and only through the last K sampling steps (against a rollout written out here), the reward rising on a
 fixed batch, the LoRA merged at scale 0 / 1 / below 1, and the shipped keypoint network against the exact detector
 on ground-truth world frames."""
@@ -31,14 +31,14 @@ from trainer.objective import TrainContext, objective_defaults
 from trainer.roles import attach_lora
 from trainer.trainer import Trainer
 from utils.config import load_config
+from utils.encoders.tiny_assets import TINY_VAE_CONFIG
+from utils.encoders.wan_vae_parallel import decode
+from utils.encoders.wan_wrapper import WanVAE
 from utils.metrics import keypoint_metrics
 from utils.rewards import PoseReward, PreferenceReward
 from utils.scheduler import add_noise, flow_to_x0
-from utils.synthetic_pose import detect_markers, generate_sample, load_world_config
-from utils.tiny_assets import TINY_VAE_CONFIG
-from utils.wan_vae_parallel import decode
-from utils.wan_wrapper import WanVAE
-from utils.world_keypoints import WORLD_KEYPOINTS, WorldKeypointNet, detect, load_keypoint_net
+from utils.world.keypoints import WORLD_KEYPOINTS, WorldKeypointNet, detect, load_keypoint_net
+from utils.world.synthetic_pose import detect_markers, generate_sample, load_world_config
 from wan.checkpoint import save_weights
 from wan.configs import build_model
 

@@ -29,8 +29,8 @@ from transformers import CLIPVisionModel, UMT5EncoderModel
 import inference
 from utils.pose import save_keypoints
 from utils.safetensors_io import atomic_save_safetensors
-from utils.synthetic_pose import generate_sample, load_world_config
 from utils.video_io import write_image
+from utils.world.synthetic_pose import generate_sample, load_world_config
 from wan.checkpoint import POSE_PREFIXES
 from wan.configs import build_model
 

@@ -23,8 +23,8 @@ from utils.metrics import (
     ssim_map,
 )
 from utils.pose import PoseSequence
-from utils.synthetic_pose import detect_markers, generate_sample, load_world_config
 from utils.video_io import write_video
+from utils.world.synthetic_pose import detect_markers, generate_sample, load_world_config
 
 
 @pytest.fixture(scope="module")

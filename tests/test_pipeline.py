@@ -16,8 +16,8 @@ from pipeline.bidirectional_inference import TeacherPosePipeline
 from pipeline.causal_diffusion_inference import PreparedClip, StreamingPosePipeline, image_condition
 from pipeline.conditions import Conditions
 from pipeline.rollout import guided_flow, sample_latents, stream_latents
+from utils.encoders.wan_wrapper import WanVAE
 from utils.scheduler import make_unipc_scheduler
-from utils.wan_wrapper import WanVAE
 from wan.configs import build_model
 
 HEIGHT, WIDTH = 32, 48  # pixels: latents 4x6, a 2x3 patch grid

@@ -337,7 +337,7 @@ DET, POSE = os.environ.get("DWPOSE_DET_ONNX"), os.environ.get("DWPOSE_POSE_ONNX"
 )
 def test_extract_pose_runs_on_a_drawn_person(tmp_path):
     pytest.importorskip("rtmlib")
-    from utils.synthetic_pose import generate_sample, load_world_config
+    from utils.world.synthetic_pose import generate_sample, load_world_config
 
     sample = generate_sample(load_world_config(num_frames=5, height=256, width=256), seed=0)
     write_video(tmp_path / "v.mp4", sample.video, fps=16, mode="lossless")

@@ -11,7 +11,7 @@ from scripts import make_toy_dataset, preprocess_data
 from trainer.objective import objective_defaults
 from trainer.trainer import Trainer
 from utils.config import ROOT, load_config
-from utils.tiny_assets import TINY_VAE_CONFIG, make_tokenizer, tiny_clip_config, tiny_umt5_config
+from utils.encoders.tiny_assets import TINY_VAE_CONFIG, make_tokenizer, tiny_clip_config, tiny_umt5_config
 from wan.configs import get_config
 
 

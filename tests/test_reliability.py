@@ -307,7 +307,7 @@ def test_5_preprocess_names_the_bad_clips_and_finishes_the_good_ones(tmp_path, c
     from transformers import CLIPVisionModel, UMT5EncoderModel
 
     from scripts import make_toy_dataset
-    from utils.tiny_assets import TINY_VAE_CONFIG, make_tokenizer, tiny_clip_config, tiny_umt5_config
+    from utils.encoders.tiny_assets import TINY_VAE_CONFIG, make_tokenizer, tiny_clip_config, tiny_umt5_config
 
     tiny = get_config("tiny")
     AutoencoderKLWan(**TINY_VAE_CONFIG).save_pretrained(tmp_path / "vae")

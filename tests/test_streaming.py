@@ -30,7 +30,7 @@ TOKENS_PER_FRAME = (HEIGHT // 16) * (WIDTH // 16)
 
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
-    from utils.wan_wrapper import WanVAE
+    from utils.encoders.wan_wrapper import WanVAE
 
     path = tmp_path_factory.mktemp("vae") / "Wan2.1_VAE.pth"
     torch.save(vae_official_state_dict(TINY_VAE_CONFIG), path)

@@ -14,7 +14,7 @@ from scripts import train_toy_vae
 from utils.metrics import psnr
 from utils.pose import draw_pose_frames
 from utils.safetensors_io import load_file
-from utils.synthetic_pose import (
+from utils.world.synthetic_pose import (
     APPEARANCE_RANGE,
     MARKER_COLORS,
     detect_markers,
@@ -158,10 +158,10 @@ def test_train_toy_vae_smoke(tmp_path):
 
 
 def test_toy_vae_export_loads_through_the_wan_wrapper(tmp_path):
-    """The export is what utils.wan_wrapper.WanVAE (the real VAE's wrapper) loads: its normalised latents of the
-    held-out clip have mean 0 and std 1 per channel (the stats were measured on it), and decoding them gives the
+    """The export is what utils.encoders.wan_wrapper.WanVAE (the real VAE's wrapper) loads: its normalised latents of
+    the held-out clip have mean 0 and std 1 per channel (the stats were measured on it), and decoding them gives the
     PSNR the training script reported (fp16 export: the weights it scored are the weights in the file)."""
-    from utils.wan_wrapper import WanVAE
+    from utils.encoders.wan_wrapper import WanVAE
 
     assert train_toy_vae.main(["--out", str(tmp_path), "--smoke", "steps=3"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -186,7 +186,7 @@ def test_committed_toy_vae_reconstructs_held_out_clips_through_the_wan_wrapper()
     """The trained weights in assets/toy_vae (docs/results/toy_vae.md): at most 10 MB, loaded by the real VAE's
     wrapper; on a held-out 81-frame clip its normalised latents are near mean 0 / std 1 (the stats were measured on
     32 such clips), the decoded clip scores >= 30 dB, and the exact detector still finds the joints on it."""
-    from utils.wan_wrapper import WanVAE
+    from utils.encoders.wan_wrapper import WanVAE
 
     files = list(TOY_VAE.iterdir())
     assert sum(f.stat().st_size for f in files) <= 10e6

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from utils.wan_vae_parallel import decode, encode_moments
+from utils.encoders.wan_vae_parallel import decode, encode_moments
 
 
 def _vae(temperal_downsample=(False, True, True), dim_mult=(1, 2, 2, 2), seed=0) -> AutoencoderKLWan:

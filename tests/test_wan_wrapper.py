@@ -1,5 +1,5 @@
-"""utils/wan_wrapper.py and utils/text_cache.py on tiny models: official-layout checkpoints written here load
-strictly and equal the library models loaded directly and the official forwards; the streaming VAE decoder
+"""utils/encoders/wan_wrapper.py and utils/encoders/text_cache.py on tiny models: official-layout checkpoints written
+here load strictly and equal the library models loaded directly and the official forwards; the streaming VAE decoder
 equals one-shot decoding (to one float32 ulp, decoding in float64: the chunks change post_quant_conv's shapes)."""
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from conftest import randomize
 from diffusers import AutoencoderKLWan
 from transformers import CLIPVisionModel, UMT5EncoderModel
 
-import utils.text_cache as text_cache
-from utils.errors import CheckpointKeyError
-from utils.text_cache import CachedTextEncoder
-from utils.wan_wrapper import (
+import utils.encoders.text_cache as text_cache
+from utils.encoders.text_cache import CachedTextEncoder
+from utils.encoders.wan_wrapper import (
     ImageEncoder,
     StreamingVAEDecoder,
     TextEncoder,
@@ -34,6 +33,7 @@ from utils.wan_wrapper import (
     clean_prompt,
     preprocess_clip_image,
 )
+from utils.errors import CheckpointKeyError
 
 TEXT_LEN = 16
 PROMPTS = ["a person is dancing in the rain", "  cat &amp;amp;   dog\n on stage "]

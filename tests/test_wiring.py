@@ -14,7 +14,7 @@ MODULES = [
     "wan.configs", "wan.checkpoint", "wan.modules.model", "wan.modules.causal_model", "wan.modules.pose",
     "wan.modules.attention", "utils.safetensors_io", "pipeline.causal_diffusion_inference",
     "pipeline.bidirectional_inference", "pipeline.ode_pairs", "pipeline.self_forcing_rollout", "model",
-    "trainer.trainer", "utils.wan_wrapper", "utils.metrics", "utils.synthetic_pose", "utils.pose.draw",
+    "trainer.trainer", "utils.encoders.wan_wrapper", "utils.metrics", "utils.world.synthetic_pose", "utils.pose.draw",
 ]  # fmt: skip
 
 

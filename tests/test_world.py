@@ -20,7 +20,7 @@ from trainer.objective import objective_defaults
 from trainer.trainer import Trainer
 from utils.config import load_config
 from utils.data import to_contract
-from utils.synthetic_pose import generate_sample, load_world_config, prompt_vocabulary
+from utils.world.synthetic_pose import generate_sample, load_world_config, prompt_vocabulary
 from wan.checkpoint import save_weights
 from wan.configs import build_model
 

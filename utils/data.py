@@ -30,8 +30,8 @@ from torch.utils.data import Dataset
 
 from utils.atomic_io import atomic_write_text
 from utils.pose.keypoints import PoseSequence, save_keypoints
-from utils.synthetic_pose import WorldConfig, generate_sample
 from utils.video_io import read_image, read_video, write_image, write_video
+from utils.world.synthetic_pose import WorldConfig, generate_sample
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ frames (F = 1: the decoded first frame, DRaFT's default), batch the training bat
 higher is better, and it must be differentiable wrt the frames. Two are built in:
 
 - PoseReward (the world's pose adherence): minus the mean distance, in frame sizes (pixels / max(H, W)), between the
-  keypoints the world keypoint network (utils/world_keypoints.py) reads from the frames (soft-argmax, differentiable)
+  keypoints the world keypoint network (utils/world/keypoints.py) reads from the frames (soft-argmax, differentiable)
   and the driving pose's keypoints. The target is batch["keypoints"] [B, F_pix, 20, 3] (x, y normalised,
   visibility) when the samples carry it, else what the same network reads from the driving pose frames
   batch["pose"] (the drawn skeletons the student is conditioned on; no gradient), joints counted where the target
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.world_keypoints import DEFAULT_THRESHOLD, WORLD_KEYPOINTS, keypoints, load_keypoint_net
+from utils.world.keypoints import DEFAULT_THRESHOLD, WORLD_KEYPOINTS, keypoints, load_keypoint_net
 
 log = logging.getLogger(__name__)
 

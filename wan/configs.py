@@ -60,8 +60,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         sink_size=0,
     ),  # fmt: skip
 }
-# The synthetic pose world (utils/synthetic_pose.py: 128x128, 81 frames -> latents [16, 21, 16, 16] through the toy
-# VAE, 64 tokens per latent frame). Text and CLIP widths are those of assets/world_encoders.
+# The synthetic pose world (utils/world/synthetic_pose.py: 128x128, 81 frames -> latents [16, 21, 16, 16] through the
+# toy VAE, 64 tokens per latent frame). Text and CLIP widths are those of assets/world_encoders.
 _WORLD = dict(
     patch_size=(1, 2, 2), text_len=32, freq_dim=256, text_dim=64, out_dim=16, eps=1e-6, qk_norm=True,
     cross_attn_norm=True, clip_dim=64, **_I2V,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from utils.encoders.wan_wrapper import PathLike, TextEncoder, clean_prompt, text_encoder_identity
 from utils.safetensors_io import atomic_save_safetensors, load_file
-from utils.wan_wrapper import PathLike, TextEncoder, clean_prompt, text_encoder_identity
 
 logger = logging.getLogger(__name__)
 

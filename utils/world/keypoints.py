@@ -1,7 +1,7 @@
 """A learned keypoint detector for the synthetic pose world: a small heatmap CNN that reads the 20 body keypoints
 from world frames (rendered, toy-VAE decoded or generated) and from drawn pose frames. `detect` is a
-utils.metrics Detector (the learned counterpart of utils.synthetic_pose.detect_markers, robust to blurred markers);
-`keypoints` is differentiable, which makes it DRaFT's pose reward (utils/rewards.py).
+utils.metrics Detector (the learned counterpart of utils.world.synthetic_pose.detect_markers, robust to blurred
+markers); `keypoints` is differentiable, which makes it DRaFT's pose reward (utils/rewards.py).
 
 Heatmaps are at stride 4: cell (i, j) covers pixels [4i, 4i + 4) x [4j, 4j + 4), its centre at pixel
 (4j + 1.5, 4i + 1.5) (pixel centres at integer coordinates, as the world renders keypoints). A keypoint is the
@@ -21,7 +21,7 @@ import torch.nn as nn
 from utils.pose.keypoints import NUM_BODY, NUM_HAND, PoseSequence
 
 STRIDE = 4
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORLD_KEYPOINTS = ROOT / "assets" / "world_keypoints"
 WEIGHTS_FILE = "keypoints.safetensors"
 DEFAULT_THRESHOLD = 0.5
