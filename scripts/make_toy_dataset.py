@@ -104,7 +104,7 @@ def encode_dataset(args: argparse.Namespace, config: WorldConfig) -> int:
                          args.text_len, args.negative_prompt)  # fmt: skip
     job = partial(render_one, config=config, seed=args.seed, ref_choices=args.ref_choices)
 
-    seconds = {"render wait": 0.0, "encode": 0.0, "write": 0.0}  # where the time goes (logged every 32 flushes)
+    seconds = {"render wait": 0.0, "encode": 0.0, "write": 0.0}  # where the time goes (logged every 8 flushes)
     flushes = 0
 
     def flush(group: list) -> None:
@@ -120,7 +120,7 @@ def encode_dataset(args: argparse.Namespace, config: WorldConfig) -> int:
         seconds["write"] += time.perf_counter() - t1
         group.clear()
         flushes += 1
-        if flushes % 32 == 0:
+        if flushes % 8 == 0:
             logger.info("after %d flushes: %s", flushes, ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
 
     group: list = []
