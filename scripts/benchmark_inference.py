@@ -157,6 +157,8 @@ def main() -> None:
                         "else SDPA with cuDNN first")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (with --compile)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark: cuDNN times its conv algorithms per shape (the VAE)")
     p.add_argument("--warmup", type=int, default=2, help="untimed full runs first (cuDNN autotuning, compilation)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; medians are reported")
     p.add_argument("--seed", type=int, default=0)
@@ -168,6 +170,7 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU, or pass --device cpu with a tiny preset for a smoke run")
     attention.set_backend(args.attn)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(args.seed)
 
     start = time.perf_counter()

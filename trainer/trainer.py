@@ -116,6 +116,9 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
 
         torch.manual_seed(cfg.seed)
+        # fixed shapes every iteration: let cuDNN time its conv algorithms once (the pose encoders' full-resolution
+        # Conv3d, the VAE); a no-op on the CPU
+        torch.backends.cudnn.benchmark = bool(cfg.train.get("cudnn_benchmark", True))
         self.trainable = objective_cls.trainable_roles
         self.roles = {
             name: objective_cls.prepare_role(

@@ -7,6 +7,7 @@
 # Steps (default: all, in this order):
 #   inference_eager     issue 13 / 17: scripts/benchmark_inference.py, eager (before: 5.19 s for 81 frames, H200)
 #   inference_compiled  issue 13 / 17: the same with --compile (before: 4.09 s)
+#   inference_cudnn     issue 17: eager with --cudnn-benchmark (the VAE decode's conv algorithms timed once)
 #   train_dmd           issue 21: one-GPU real-size DMD iteration with the SP code in (N = 1 is the old path;
 #                       before SP landed: docs/benchmarks/train.md)
 #   sp_network          issue 21: the memory model's one-GPU check (1.3B student, 720p, forward + backward)
@@ -14,7 +15,7 @@
 set -u
 out=$1; secs=$2; shift 2
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(inference_eager inference_compiled train_dmd sp_network streaming)
+[ ${#steps[@]} -eq 0 ] && steps=(inference_eager inference_compiled train_dmd sp_network streaming inference_cudnn)
 start=$(date +%s)
 mkdir -p "$out"
 log=$out/bench.log
@@ -36,6 +37,7 @@ for step in "${steps[@]}"; do
   case $step in
     inference_eager) run "$step" 120 python3 scripts/benchmark_inference.py --json "$out/$step.json" ;;
     inference_compiled) run "$step" 240 python3 scripts/benchmark_inference.py --compile --json "$out/$step.json" ;;
+    inference_cudnn) run "$step" 150 python3 scripts/benchmark_inference.py --cudnn-benchmark --json "$out/$step.json" ;;
     # shellcheck disable=SC2086
     train_dmd) run "$step" 180 python3 scripts/benchmark_train.py --iterations 2 --json "$out/$step.json" $W ;;
     sp_network) run "$step" 90 python3 scripts/benchmark_sequence_parallel.py network --size 720p \
