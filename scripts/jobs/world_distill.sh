@@ -14,7 +14,10 @@
 #   finetune_b  Path B: ODE init -> pose finetune      dmd_b sid_b Path B: pose finetune -> DMD / SiD
 #   eval        scripts/evaluate_world.py on $EVAL_CLIPS test clips: teacher rows and every finished student
 # Env: TEACHER (default assets/world_teacher/teacher.safetensors), WORLD_CLIPS (3000), PAIRS (2000),
-#      EVAL_CLIPS (32), ABLATE (a student row to also score without pose, e.g. dmd_a), WORLD_OVERRIDES (world
+#      EVAL_CLIPS (32), EVAL_ROWS (the teacher's rows, default ceiling,cfg50,steps4; empty: students only),
+#      REFERENCE_FRAMES (an earlier evaluate_world --save-frames folder of the teacher's cfg50 frames: the
+#      agreement reference, so cfg50 need not run again), ABLATE (a student row to also score without pose, e.g.
+#      dmd_a), WORLD_OVERRIDES (world
 #      config overrides for data and eval, e.g. "num_frames=5 height=32 width=32" for a CPU smoke run),
 #      WARM (a previous session's OUT_DIR with logs.tgz extracted in place: finished steps are skipped, later
 #      ones start from its <run>_fp16.safetensors;
@@ -138,7 +141,8 @@ for step in "${steps[@]}"; do
         w=$(export_of $run); [ -n "$w" ] && args+=(--student "${run#world_}=$w")
       done
       timeout "$(left)" python3 scripts/evaluate_world.py --weights "$teacher" --clips "${EVAL_CLIPS:-32}" \
-        --rows ceiling,cfg50,steps4 "${args[@]}" ${ABLATE:+--ablate "$ABLATE"} --out "$logs/eval" ${WORLD_OVERRIDES:-} \
+        --rows "${EVAL_ROWS-ceiling,cfg50,steps4}" "${args[@]}" ${ABLATE:+--ablate "$ABLATE"} \
+        ${REFERENCE_FRAMES:+--reference-frames "$REFERENCE_FRAMES"} --out "$logs/eval" ${WORLD_OVERRIDES:-} \
         >"$logs/eval.log" 2>&1
       rc=$?; tail -16 "$logs/eval.log"; [ $rc -ne 0 ] && exit 1 ;;
     *) echo "unknown step $step"; exit 2 ;;
