@@ -96,7 +96,6 @@ class SyntheticClip:
     width: int = 96
     num_frames: int = 33
     seed: int | None = None  # the world clip's seed (pipeline/world.py TEST_SEED: held out); null: --seed
-    caption: bool = False  # the clip's own caption is the prompt, unless --prompt (or prompt=) gives one
 
 
 @dataclass
@@ -125,7 +124,7 @@ class InferenceConfig:
     det_onnx: str | None = None  # DWPose person detector yolox_l.onnx
     pose_onnx: str | None = None  # DWPose whole-body model dw-ll_ucoco_384.onnx
     text_cache: str | None = "text_cache"  # prompt embeddings cached on disk; null: in the run's temp folder
-    prompt: str = "a person is dancing"
+    prompt: str | None = "a person is dancing"  # null: the synthetic clip's own caption (needs no --ref / --pose)
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     guidance_scale: float = 1.0  # CFG w (pred = u + w (c - u)); 1 = off
     denoising_steps: list[float] = field(default_factory=lambda: list(DEFAULT_STEPS))  # causal student
@@ -214,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "when its models are there, else pose-only input)")  # fmt: skip
     io.add_argument("--no-align", action="store_true",
                     help="draw keypoints as given instead of aligning them to the reference pose")  # fmt: skip
-    io.add_argument("--prompt", help="text prompt (default: the config's, or the synthetic clip's own caption "
-                    "with synthetic.caption)")  # fmt: skip
+    io.add_argument("--prompt", help="text prompt (default: the config's; a config with prompt: null uses the "
+                    "synthetic clip's own caption)")  # fmt: skip
     io.add_argument(
         "--num-frames",
         type=int,
@@ -342,6 +341,9 @@ def load_inputs(args: argparse.Namespace, cfg: InferenceConfig, paths: dict[str,
         return synthetic_inputs(cfg, args)
     if args.ref is None or (args.pose is None) == (args.driving is None):
         raise InputError("give --ref and exactly one of --pose / --driving (or none of them for a synthetic clip)")
+    if cfg.prompt is None:
+        raise InputError("--prompt is needed: the config sets prompt: null (the synthetic clip's own caption), and "
+                         "--ref / --pose / --driving bring no caption")  # fmt: skip
     ref = _read("--ref", read_image, args.ref, "give a png/jpg image")
     height, width = ref.shape[:2]
     detector = None
@@ -429,12 +431,11 @@ def synthetic_clip(cfg: InferenceConfig, seed: int) -> SyntheticSample:
 
 
 def synthetic_inputs(cfg: InferenceConfig, args: argparse.Namespace) -> ClipInputs:
-    """A clip of the synthetic pose world (figure video frame as the reference, its drawn pose); with
-    synthetic.caption its own caption is the prompt unless one is given (--prompt or prompt=)."""
+    """A clip of the synthetic pose world (figure video frame as the reference, its drawn pose); a config with
+    prompt: null takes the clip's own caption as the prompt."""
     clip = cfg.synthetic
     sample = synthetic_clip(cfg, args.seed)
-    prompt_given = args.prompt is not None or any(o.partition("=")[0].strip() == "prompt" for o in args.overrides)
-    prompt = sample.prompt if clip.caption and not prompt_given else cfg.prompt
+    prompt = sample.prompt if cfg.prompt is None else cfg.prompt
     log.info("no --ref / --pose: a synthetic %dx%d clip of %d frames, world seed %d (%s); prompt %r", clip.height,
              clip.width, clip.num_frames, args.seed if clip.seed is None else clip.seed, sample.prompt,
              prompt)  # fmt: skip

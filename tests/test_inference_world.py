@@ -1,7 +1,7 @@
 """inference.py's default, configs/inference/world.yaml: it loads the world teacher and encoders the repo ships
 (strictly), and what it writes follows the pose of the held-out world clip (the exact marker detector on the
 decoded mp4 against the clip's ground-truth keypoints); paths_relative_to puts config paths under the repo root
-or --models-dir; the synthetic clip's seed and caption keys."""
+or --models-dir; the synthetic clip's seed and the caption as prompt (prompt: null)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_default_config_loads_the_shipped_world_teacher_strictly():
     sampler = (cfg.guidance_scale, cfg.num_steps, cfg.shift, cfg.solver, cfg.negative_prompt)
     assert sampler == (1.5, 50, 5.0, "unipc", "")
     clip = cfg.synthetic
-    assert (clip.height, clip.width, clip.num_frames, clip.seed, clip.caption) == (128, 128, 81, TEST_SEED, True)
+    assert (clip.height, clip.width, clip.num_frames, clip.seed, cfg.prompt) == (128, 128, 81, TEST_SEED, None)
     paths = inference.resolve_paths(cfg, args)
     assert "text_cache" not in paths  # kept in the run's temp folder: nothing is written into the repo
     assert all(path.is_relative_to(ROOT / "assets") and path.exists() for path in paths.values()), paths
@@ -109,6 +109,9 @@ def test_synthetic_clip_seed_and_caption():
         .ref.tobytes()  # null: --seed picks the clip  # fmt: skip
     for given in (["--prompt", "a cat"], ["prompt=a cat"]):  # a prompt that is given wins over the caption
         assert inputs(*given).prompt == "a cat"
+    args = parse("--ref", "ref.png", "--pose", "pose.json")  # world.yaml's prompt: null needs --prompt here
+    with pytest.raises(inference.InputError, match="^--prompt is needed: the config sets prompt: null"):
+        inference.load_inputs(args, inference.load_config(args), {})
     tiny = inference.load_config(parse("--config", str(inference.TINY_CONFIG)))
-    assert (tiny.synthetic.seed, tiny.synthetic.caption) == (None, False)
+    assert (tiny.synthetic.seed, tiny.prompt) == (None, "a person is dancing")
     assert inputs("--config", str(inference.TINY_CONFIG)).prompt == "a person is dancing"
