@@ -14,7 +14,7 @@ With no arguments it runs the embedded default (configs/inference/world.yaml): t
 assets/ (a bidirectional i2v pose model trained on the synthetic pose world, with the toy VAE and the world's text
 and image encoders; nothing is downloaded) samples a held-out clip of that world (test seed 10,000,000, 128x128,
 81 frames, its own caption as the prompt) with 50 UniPC steps and CFG 1.5: outputs/video.mp4 follows that clip's
-pose (PCK@0.05 0.87 against its ground truth; about 4 minutes on a CPU, measured on 2 busy cores).
+pose (PCK@0.05 0.87 against its ground truth; 4-6 minutes on 2 busy CPU cores).
 `--config configs/inference/tiny.yaml` is the old smoke demo: the tiny causal pose preset and tiny encoders, all
 with RANDOM weights built in memory, through the whole streaming path (its output is noise, not a video).
 Config paths are under --models-dir, or under the repo root when the config sets paths_relative_to: repo (as
